@@ -1,0 +1,1 @@
+"""Weights in and out: HF safetensors checkpoints, GGUF files, PEFT adapters."""

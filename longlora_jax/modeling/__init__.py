@@ -1,0 +1,1 @@
+"""Model definition: config, RoPE, attention (full and S2), LoRA, the LLaMA module."""

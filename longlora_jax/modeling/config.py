@@ -1,0 +1,377 @@
+"""`LlamaConfig`: the architecture (HF `config.json` semantics) plus the LongLoRA knobs.
+
+One frozen, hashable dataclass carries everything `LlamaForCausalLM` needs: the architecture
+fields that round-trip through HF `config.json` (`from_hf` / `to_hf`), and the training-time
+settings (S2-Attn, LoRA, dtypes, remat, scan) that never go into an exported config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_TRAIN = ("full", "s2")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = ("float32", "bfloat16", "float16")
+# HF `model_type`s whose checkpoints are plain LLaMA decoders (no biases, no sliding window).
+LLAMA_FAMILY = ("llama", "mistral")
+
+# Per-type fields of a rope scaling block and whether HF requires them.
+_ROPE_FIELDS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "linear": {"factor": True},
+    "dynamic": {"factor": True},
+    "yarn": {
+        "factor": True,
+        "original_max_position_embeddings": False,
+        "attention_factor": False,
+        "beta_fast": False,
+        "beta_slow": False,
+        "mscale": False,
+        "mscale_all_dim": False,
+        "truncate": False,
+    },
+    "llama3": {
+        "factor": True,
+        "low_freq_factor": True,
+        "high_freq_factor": True,
+        "original_max_position_embeddings": True,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and what would be valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling with HF semantics (`rope_parameters` / `rope_scaling` of config.json).
+
+    `rope_type` is one of `ROPE_TYPES`; the other fields are read only by the types that use
+    them (see `_ROPE_FIELDS`). `None` means "HF's default for that type".
+    """
+
+    rope_type: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"unknown rope scaling type {self.rope_type!r}; valid: {', '.join(ROPE_TYPES)}"
+            )
+        for name, required in _ROPE_FIELDS[self.rope_type].items():
+            if required and getattr(self, name) is None:
+                raise ConfigError(f"rope scaling type {self.rope_type!r} needs field {name!r}")
+        if self.factor is not None and self.factor < 1.0:
+            raise ConfigError(f"rope scaling factor must be >= 1, got {self.factor}")
+
+    @classmethod
+    def from_hf(cls, block: Mapping[str, Any] | None) -> RopeScaling:
+        """Parses an HF `rope_scaling` / `rope_parameters` dict (either spelling of the type)."""
+        if not block:
+            return cls()
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        used = _ROPE_FIELDS.get(rope_type, {})
+        kwargs = {k: v for k, v in block.items() if k in known and k in used and v is not None}
+        return cls(rope_type=rope_type, **kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF dict for this scaling, without `rope_theta` (`{"rope_type": "default"}` if none)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type}
+        for name in _ROPE_FIELDS[self.rope_type]:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A LLaMA-family decoder plus the LongLoRA training knobs.
+
+    Architecture (round-trips through HF config.json):
+      vocab_size V, hidden_size E, intermediate_size F, num_hidden_layers L,
+      num_attention_heads Hq, num_key_value_heads Hkv, head_dim D (default E // Hq).
+    Numerics: `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of
+      newly initialised parameters; softmax, norms' statistics and the loss are always fp32.
+    Training-time only (never exported):
+      attention_train: "full" | "s2" -- attention used by `train=True` forward passes;
+        evaluation and generation always use full causal attention.
+      s2_group_size / s2_group_size_ratio: S2-Attn group G (explicit size wins over ratio * N).
+      s2_wrap: the paper's Algorithm 1 (last shifted group wraps around) instead of the
+        official flash-attention segments.
+      attention_impl: "auto" | "xla" | "splash" | "cudnn" -- kernel backend.
+      lora_rank r (0 disables LoRA), lora_alpha, lora_dropout, lora_targets.
+      remat_policy: "none" | "full" | "dots" | "dots_no_batch" (what the backward pass may keep).
+      scan_layers: run the L decoder layers with `nn.scan` (params get a leading layer axis).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    # Numerics and memory.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    # S2-Attn.
+    attention_train: str = "full"
+    attention_impl: str = "auto"
+    s2_group_size: int | None = None
+    s2_group_size_ratio: float = 0.25
+    s2_wrap: bool = False
+    # LoRA.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.lora_targets, list | str):
+            targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+            object.__setattr__(self, "lora_targets", tuple(targets))
+        if isinstance(self.rope_scaling, Mapping) or self.rope_scaling is None:
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises `ConfigError` (one line, naming the value) for an inconsistent config."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("attention_train", self.attention_train, ATTENTION_TRAIN)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.s2_group_size is not None and (self.s2_group_size <= 0 or self.s2_group_size % 2):
+            raise ConfigError(f"s2_group_size must be a positive even number, got {self.s2_group_size}")
+        if not 0.0 < self.s2_group_size_ratio <= 1.0:
+            raise ConfigError(f"s2_group_size_ratio must be in (0, 1], got {self.s2_group_size_ratio}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for target in self.lora_targets:
+            _check_choice("lora target", target, LORA_TARGETS)
+
+    # ----------------------------------------------------------------------------- derived
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads per kv head (Hq // Hkv)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest context the (scaled) positions are meant for."""
+        return self.max_position_embeddings
+
+    def s2_group(self, seq_len: int) -> int:
+        """S2-Attn group size G for a sequence of `seq_len` tokens (explicit size or ratio*N)."""
+        if self.s2_group_size is not None:
+            return self.s2_group_size
+        group = int(round(seq_len * self.s2_group_size_ratio))
+        return max(2, group - group % 2)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Base-model parameter count (LoRA factors excluded)."""
+        e, f, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = e * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        layer = attn + 3 * e * f + 2 * e
+        head = 0 if self.tie_word_embeddings else v * e
+        return self.num_hidden_layers * layer + v * e + head + e
+
+    # ----------------------------------------------------------------------------- HF I/O
+
+    @classmethod
+    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:
+        """Reads an HF config.json dict, file or checkpoint directory.
+
+        Accepts the transformers-4 spelling (`rope_theta` + `rope_scaling`) and the
+        transformers-5 spelling (`rope_parameters` carrying `rope_theta`). `overrides` set
+        non-architecture fields (dtype, LoRA, S2-Attn, ...).
+        """
+        hf = _read_hf_dict(source)
+        model_type = hf.get("model_type", "llama")
+        if model_type not in LLAMA_FAMILY:
+            raise ConfigError(
+                f"model_type {model_type!r} is not a LLaMA-family decoder; supported: "
+                f"{', '.join(LLAMA_FAMILY)}"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"{flag}=True is not supported (LLaMA decoders have no biases)")
+        if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+            raise ConfigError(
+                f"sliding_window={hf['sliding_window']} is not supported; only full causal attention"
+            )
+        rope_block = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = rope_block.get("rope_theta", hf.get("rope_theta", 10000.0))
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported; LLaMA uses 'silu'")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads"),
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=RopeScaling.from_hf(rope_block),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers 4 and 5 load with the same rope scaling."""
+        rope = self.rope_scaling.to_hf()
+        out: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id)
+            if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            # transformers >= 5 reads this block ...
+            "rope_parameters": {**rope, "rope_theta": self.rope_theta},
+            # ... transformers 4 reads these two.
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling.rope_type == "default" else rope,
+            "torch_dtype": self.param_dtype,
+        }
+        return out
+
+    # ----------------------------------------------------------------------------- presets
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A named architecture (see `PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} {value!r} is not one of: {', '.join(valid)}")
+
+
+def _read_hf_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json at {path!r}: an HF checkpoint directory needs one")
+    with open(path) as f:
+        return json.load(f)
+
+
+def linear_pi_factor(seq_len: int, original_context: int) -> float:
+    """Position-interpolation factor the official recipe uses: ceil(seq_len / original)."""
+    return float(max(1, math.ceil(seq_len / original_context)))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    ),
+    "llama2-13b": dict(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+    ),
+    "llama2-70b": dict(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+        max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001,
+    ),
+}

@@ -1,0 +1,193 @@
+"""LLaMA decoder in flax.linen: RMSNorm, GQA attention with RoPE, SwiGLU MLP, scanned layers.
+
+Shapes: B batch, N tokens, E hidden, Hq query heads, Hkv kv heads, D head dim, F MLP width,
+V vocabulary, L layers. Parameter names mirror HF's (`q_proj`, `input_layernorm`, ...) so the
+checkpoint converters are one table. Every parameter and activation is named with logical
+axes; `longlora_jax.sharding` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.modeling import attention, rope
+from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.lora import Dense
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+    """Sharding constraint by logical names (a no-op outside `sharding.activate`)."""
+    return nn.with_logical_constraint(x, logical_axes)
+
+
+class RMSNorm(nn.Module):
+    """x [..., E] -> x / rms(x) * scale, statistics in fp32, scale [E] named ("norm",)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            jnp.dtype(self.cfg.param_dtype),
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        # HF casts back to the input dtype before applying the weight.
+        return scale.astype(self.cfg.dtype) * normed.astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+    """x [B, N, E] -> [B, N, E]: GQA self-attention; S2-Attn when training with it on."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool) -> jax.Array:
+        cfg = self.cfg
+        b, n, _ = x_bne.shape
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = Dense(hq * d, ("embed", "heads"), cfg, name="q_proj")(x_bne, train=train)
+        k = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="k_proj")(x_bne, train=train)
+        v = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="v_proj")(x_bne, train=train)
+        q_bnhd = constrain(q.reshape(b, n, hq, d), "act_batch", "act_length", "act_heads", "act_head_dim")
+        k_bnkd = constrain(k.reshape(b, n, hkv, d), "act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        v_bnkd = constrain(v.reshape(b, n, hkv, d), "act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        q_bnhd = rope.apply_rotary(q_bnhd, cos_bnd, sin_bnd)
+        k_bnkd = rope.apply_rotary(k_bnkd, cos_bnd, sin_bnd)
+        out_bnhd = attention.attend(q_bnhd, k_bnkd, v_bnkd, cfg, train=train, segment_ids=segment_ids_bn)
+        out_bnhd = constrain(out_bnhd, "act_batch", "act_length", "act_heads", "act_head_dim")
+        return Dense(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(
+            out_bnhd.reshape(b, n, hq * d), train=train
+        )
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), x [B, N, E] -> [B, N, E] via width F."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bne: jax.Array, train: bool) -> jax.Array:
+        cfg = self.cfg
+        gate = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x_bne, train=train)
+        up = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x_bne, train=train)
+        h_bnf = constrain(nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
+        return Dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(h_bnf, train=train)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). [B, N, E] -> same."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool):
+        cfg = self.cfg
+        h = RMSNorm(cfg, name="input_layernorm")(x_bne)
+        x_bne = x_bne + Attention(cfg, name="self_attn")(h, cos_bnd, sin_bnd, segment_ids_bn, train)
+        h = RMSNorm(cfg, name="post_attention_layernorm")(x_bne)
+        x_bne = x_bne + MLP(cfg, name="mlp")(h, train)
+        x_bne = constrain(x_bne, "act_batch", "act_length", "act_embed")
+        if cfg.scan_layers:
+            return x_bne, None
+        return x_bne
+
+
+def _layer_stack(cfg: LlamaConfig):
+    """The decoder layer class, wrapped in remat and (optionally) scan as the config asks."""
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+        # static_argnums counts `self` as 0: `train` is argument 5.
+        layer = nn.remat(
+            layer,
+            policy=_REMAT_POLICIES[cfg.remat_policy],
+            prevent_cse=not cfg.scan_layers,
+            static_argnums=(5,),
+        )
+    if cfg.scan_layers:
+        layer = nn.scan(
+            layer,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+    return layer
+
+
+class LlamaForCausalLM(nn.Module):
+    """input_ids [B, N] int32 -> logits [B, N, V] (fp32).
+
+    `train=True` selects the training attention (`cfg.attention_train`, e.g. S2-Attn) and
+    LoRA dropout; otherwise attention is full causal. `segment_ids` [B, N] (optional) keeps
+    packed documents from attending to each other. `return_hidden=True` returns the final
+    normed hidden states [B, N, E] instead of logits (the chunked loss projects them itself
+    through `project`).
+    """
+
+    cfg: LlamaConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
+            ),
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+        )
+        stack = _layer_stack(cfg)
+        if cfg.scan_layers:
+            self.layers = stack(cfg)
+        else:
+            self.layers = [stack(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        train: bool = False,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        cfg = self.cfg
+        b, n = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        cos_bnd, sin_bnd = rope.rotary_tables(cfg, position_ids)
+        x_bne = constrain(self.embed_tokens(input_ids), "act_batch", "act_length", "act_embed")
+        if cfg.scan_layers:
+            x_bne, _ = self.layers(x_bne, cos_bnd, sin_bnd, segment_ids, train)
+        else:
+            for layer in self.layers:
+                x_bne = layer(x_bne, cos_bnd, sin_bnd, segment_ids, train)
+        h_bne = self.norm(x_bne)
+        if return_hidden:
+            return h_bne
+        return self.project(h_bne)
+
+    def project(self, h_bne: jax.Array) -> jax.Array:
+        """Final hidden states [..., E] -> fp32 logits [..., V] (tied or untied head)."""
+        if self.cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(h_bne)
+        else:
+            logits = self.lm_head(h_bne)
+        return logits.astype(jnp.float32)
