@@ -1,0 +1,31 @@
+"""Data: sources (offline assets, local text/jsonl via TFDS, TFDS catalog, SFT JSON), packing,
+the grain training pipeline, and evaluation token sources / perplexity windows."""
+
+from longlora_jax.data.config import DataError, check_data_config, default_data_config
+from longlora_jax.data.eval_data import (
+    TokenDocument,
+    eval_documents,
+    perplexity_windows,
+    read_token_file,
+    window_starts,
+    write_token_file,
+)
+from longlora_jax.data.pipeline import BATCH_DTYPES, batch_spec, make_train_iterator
+from longlora_jax.data.tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = [
+    "BATCH_DTYPES",
+    "ByteTokenizer",
+    "DataError",
+    "TokenDocument",
+    "Tokenizer",
+    "batch_spec",
+    "check_data_config",
+    "default_data_config",
+    "eval_documents",
+    "make_train_iterator",
+    "perplexity_windows",
+    "read_token_file",
+    "window_starts",
+    "write_token_file",
+]

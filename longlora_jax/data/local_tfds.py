@@ -1,0 +1,115 @@
+"""A TFDS builder over local text / JSON-lines files, stored as array_record, read without TF.
+
+`local_text_source(files, kind=..., text_field=..., data_dir=...)` prepares (once per distinct
+set of input files, keyed by a fingerprint of their paths, sizes and mtimes) a TFDS dataset with
+features {"name": Text, "text": Text} and returns its random-access data source
+(`builder.as_data_source`, records of bytes). Text files give one document per file, jsonl
+files one per line (`text_field` of each JSON object). Empty documents are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+from longlora_jax.assets import file_lock
+from longlora_jax.data.config import DataError
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+    """The input files of one prepared dataset (the config name is their fingerprint)."""
+
+    files: tuple[str, ...] = ()
+    kind: str = "text"  # "text" | "jsonl"
+    text_field: str = "text"
+
+
+class LongloraLocalText(tfds.core.GeneratorBasedBuilder):
+    """Documents from local files; one TFDS config per fingerprint of the inputs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Documents read from local text / jsonl files.",
+            features=tfds.features.FeaturesDict(
+                {"name": tfds.features.Text(), "text": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[str, dict[str, str]]]:
+        config: LocalTextConfig = self.builder_config
+        for file_index, file in enumerate(config.files):
+            if config.kind == "text":
+                text = pathlib.Path(file).read_text(encoding="utf-8", errors="replace")
+                if text.strip():
+                    yield f"{file_index:08d}", {"name": file, "text": text}
+                continue
+            with open(file, encoding="utf-8") as lines:
+                for line_no, line in enumerate(lines, start=1):
+                    if not line.strip():
+                        continue
+                    text = _jsonl_text(line, file, line_no, config.text_field)
+                    if text.strip():
+                        yield (f"{file_index:08d}:{line_no:010d}",
+                               {"name": f"{file}:{line_no}", "text": text})
+
+
+def _jsonl_text(line: str, file: str, line_no: int, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}:{line_no} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise DataError(f"{file}:{line_no} has no string field {field!r} (set data.text_field)")
+    return record[field]
+
+
+def _fingerprint(files: Sequence[pathlib.Path], kind: str, text_field: str) -> str:
+    digest = hashlib.sha256(f"{kind}\0{text_field}".encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"\0{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return "h" + digest.hexdigest()[:16]
+
+
+def local_text_source(
+    files: Sequence[pathlib.Path],
+    *,
+    kind: str,
+    text_field: str,
+    data_dir: pathlib.Path,
+):
+    """Random-access source of {"name": bytes, "text": bytes} records over `files`.
+
+    Prepared once into `data_dir` (array_record) under a file lock, so concurrent processes
+    share one preparation; later calls only open it.
+    """
+    if kind not in ("text", "jsonl"):
+        raise ValueError(f"kind={kind!r}; valid: text, jsonl")
+    config = LocalTextConfig(
+        name=_fingerprint(files, kind, text_field),
+        description=f"{len(files)} {kind} file(s)",
+        files=tuple(str(f.resolve()) for f in files), kind=kind, text_field=text_field)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    builder = LongloraLocalText(config=config, data_dir=str(data_dir), file_format="array_record")
+    with file_lock(data_dir / f".{config.name}.lock"):
+        try:
+            builder.download_and_prepare()
+        except AssertionError as err:  # TFDS refuses to write a split with no examples
+            if "No examples" not in str(err):
+                raise
+            shown = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+            raise DataError(f"no non-empty documents in {len(files)} {kind} file(s): "
+                            f"{shown}") from None
+    return builder.as_data_source(split="train")
