@@ -18,10 +18,13 @@ at r=64 replicating every factor would still cost ~1 GB per device in Adam state
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from longlora_jax.modeling.config import LlamaConfig
 
@@ -81,3 +84,144 @@ class Dense(nn.Module):
             x = nn.Dropout(cfg.lora_dropout)(x, deterministic=False)
         scale = cfg.lora_alpha / rank
         return jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype)) * scale
+
+
+# --------------------------------------------------------------------------- trainable labels
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+TRAIN_MODES = ("lora", "lora_plus", "full")
+_NORM_SUFFIX = "norm"  # RMSNorm modules: input_layernorm, post_attention_layernorm, norm
+
+
+class LoraError(ValueError):
+    """LoRA state does not fit the request (no adapters to train, merge or export)."""
+
+
+def param_kind(path: tuple[str, ...]) -> str:
+    """What a variable is, from its flattened path `(collection, module, ..., leaf)`.
+
+    One of "lora" (an adapter factor), "embedding" (token embeddings, also the LM head when
+    tied), "norm" (an RMSNorm weight), "lm_head" (untied output projection) or "kernel".
+    """
+    if path[0] == LORA_COLLECTION:
+        return "lora"
+    if "embed_tokens" in path:
+        return "embedding"
+    if "lm_head" in path:
+        return "lm_head"
+    if len(path) >= 2 and path[-2].endswith(_NORM_SUFFIX):
+        return "norm"
+    return "kernel"
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(tree)
+
+
+def trainable_labels(variables: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """Labels every leaf of `{"params": ..., "lora": ...}` "trainable" or "frozen".
+
+    The result is a nested dict with the same keys as `variables` and a label at each leaf
+    (boxed `nn.LogicallyPartitioned` leaves count as leaves), usable as optax labels.
+
+    - "lora": only the `lora` collection (LoRA factors) trains.
+    - "lora_plus": LoRA factors, the token embeddings and every RMSNorm weight train (the
+      LongLoRA recipe: trainable embeddings and norms are what close the gap to full
+      fine-tuning at long context); an untied LM head stays frozen. Tied embeddings (e.g.
+      SmolLM2): the one matrix is both the input embedding and the LM head, so it trains and
+      the output projection changes with it. It is not untied: that would change the
+      architecture and the exported checkpoint; both exports keep it one matrix (the PEFT
+      adapter via `ensure_weight_tying`). Cost: SmolLM2-135M at r=8 trains 29.3M of 135.4M
+      weights (21.6%; the embedding is 28.3M), where LLaMA-2-7B trains 139.7M of 6.75B (2.1%).
+    - "full": every leaf of `params` and of `lora` (if present) trains.
+
+    Raises `LoraError` for "lora"/"lora_plus" without a `lora` collection (lora_rank == 0)
+    and `ValueError` for an unknown mode.
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown trainable mode {mode!r}; valid: {', '.join(TRAIN_MODES)}")
+    if mode != "full" and not variables.get(LORA_COLLECTION):
+        raise LoraError(
+            f"trainable mode {mode!r} needs LoRA factors but the variables have no "
+            f"{LORA_COLLECTION!r} collection; set lora_rank > 0 or use mode 'full'"
+        )
+    trained = {"lora": ("lora",), "lora_plus": ("lora", "embedding", "norm")}.get(mode)
+    labels = {
+        path: TRAINABLE if trained is None or param_kind(path) in trained else FROZEN
+        for path in _flat(variables)
+    }
+    return traverse_util.unflatten_dict(labels)
+
+
+def split_trainable(variables: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(trainable, frozen): two nested dicts, each holding only its own leaves (no placeholders).
+
+    Differentiate w.r.t. `trainable` only, so no gradient exists for a frozen leaf, and build
+    the optimizer on it, so no optimizer state does either. `merge_trees` is the inverse.
+    """
+    flat_labels = _flat(labels)
+    parts: dict[str, dict] = {TRAINABLE: {}, FROZEN: {}}
+    for path, leaf in _flat(variables).items():
+        parts[flat_labels[path]][path] = leaf
+    return (
+        traverse_util.unflatten_dict(parts[TRAINABLE]),
+        traverse_util.unflatten_dict(parts[FROZEN]),
+    )
+
+
+def merge_trees(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
+    """The full variables again from `split_trainable`'s halves."""
+    return traverse_util.unflatten_dict({**_flat(frozen), **_flat(trainable)})
+
+
+def trainable_summary(
+    variables: Mapping[str, Any], labels: Mapping[str, Any]
+) -> tuple[str, int, int]:
+    """("trainable params: X || all params: Y || trainable%: Z", X, Y), as PEFT prints it.
+
+    Y counts every leaf, LoRA factors included (PEFT's convention).
+    """
+    flat_labels = _flat(labels)
+    trainable = total = 0
+    for path, leaf in _flat(variables).items():
+        size = math.prod(nn.unbox(leaf).shape)
+        total += size
+        trainable += size if flat_labels[path] == TRAINABLE else 0
+    percent = 100.0 * trainable / max(total, 1)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+    return line, trainable, total
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_lora(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaConfig, dict]:
+    """Folds each adapter into its kernel: W [.., in, out] += A [.., in, r] @ B [.., r, out] * s.
+
+    With s = alpha / r. Works on scanned (leading layer axis) and unscanned trees; the product
+    is computed in fp32 at full precision and cast to the kernel's dtype (a bf16 base loses
+    the bf16 rounding of the sum: upcast first to keep it). Returns the config with LoRA off
+    and the merged `params`, which give the unmerged model's logits. Raises `LoraError` when
+    there is nothing to merge (already merged, or trained without LoRA).
+    """
+    lora = variables.get(LORA_COLLECTION)
+    if not cfg.lora_rank or not lora:
+        raise LoraError(
+            f"nothing to merge: lora_rank={cfg.lora_rank} and the variables have "
+            f"{'a' if lora else 'no'} {LORA_COLLECTION!r} collection (already merged, or "
+            "trained without LoRA)"
+        )
+    scale = cfg.lora_alpha / cfg.lora_rank
+    flat_params = _flat(nn.unbox(variables["params"]))
+    flat_lora = _flat(nn.unbox(lora))
+    for module in sorted({path[:-1] for path in flat_lora}):
+        a, b = flat_lora[(*module, "a")], flat_lora[(*module, "b")]
+        kernel = flat_params[(*module, "kernel")]
+        delta = jnp.einsum(
+            "...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        flat_params[(*module, "kernel")] = (kernel.astype(jnp.float32) + delta * scale).astype(
+            kernel.dtype
+        )
+    return cfg.replace(lora_rank=0), traverse_util.unflatten_dict(flat_params)
