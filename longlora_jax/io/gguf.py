@@ -1,0 +1,158 @@
+"""GGUF (llama.cpp) LLaMA files -> (LlamaConfig, params), and their tokenizer.
+
+The `gguf` package reads the file and dequantizes each tensor (Q4_1, Q8_0, ... -> fp32) when
+it is needed; `gguf`'s own name map turns HF names into GGUF ones, and the HF name table of
+`longlora_jax.io.hf` places them in the params pytree, so there is no second table here.
+
+llama.cpp's converter permutes the rows of q_proj / k_proj from HF's rotate-half RoPE layout
+(per head: first half, second half) to interleaved pairs; `_unpermute_rows` restores HF's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+from gguf.quants import dequantize
+
+from longlora_jax.io.hf import CheckpointError, assemble_params, tensor_names
+from longlora_jax.modeling.config import ConfigError, LlamaConfig
+
+SUPPORTED_ARCHS = ("llama",)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _hf_config(reader: gguf.GGUFReader, has_output: bool) -> dict[str, Any]:
+    """An HF config.json dict from the GGUF metadata (`{arch}.*` and `tokenizer.ggml.*`)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError(
+            f"GGUF architecture {arch!r} is not supported; valid: {', '.join(SUPPORTED_ARCHS)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{name}", default)
+
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else key("vocab_size")
+    heads = key("attention.head_count")
+    scaling = key("rope.scaling.type", "none")
+    if scaling == "none":
+        rope: dict[str, Any] = {"rope_type": "default"}
+    elif scaling == "linear":
+        rope = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    elif scaling == "yarn":
+        rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor"),
+                "original_max_position_embeddings": key("rope.scaling.original_context_length")}
+    else:
+        raise ConfigError(f"GGUF rope scaling type {scaling!r} is not supported; valid: "
+                          "none, linear, yarn")
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": key("attention.key_length"),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_parameters": {**rope, "rope_theta": key("rope.freq_base", 10000.0)},
+        "max_position_embeddings": key("context_length", 2048),
+        "tie_word_embeddings": not has_output,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+
+
+def _unpermute_rows(w_oi: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k permutation: per head, rows (pairs interleaved) -> (half, half).
+
+    w_oi [heads * D, in]: llama.cpp wrote rows of head h as (D/2, 2) pairs; HF wants (2, D/2).
+    """
+    rows = w_oi.shape[0]
+    return (w_oi.reshape(heads, rows // heads // 2, 2, *w_oi.shape[1:])
+            .swapaxes(1, 2).reshape(w_oi.shape))
+
+
+def _open(path: str | os.PathLike) -> tuple[pathlib.Path, gguf.GGUFReader, dict[str, Any]]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+    reader = gguf.GGUFReader(path)  # memory-mapped: tensors are read when dequantized
+    return path, reader, {t.name: t for t in reader.tensors}
+
+
+def _config(reader, tensors, dtype: Any, overrides: Mapping[str, Any] | None) -> LlamaConfig:
+    overrides = dict(overrides or {})
+    dtype = jnp.dtype(dtype or overrides.get("param_dtype") or "float32")
+    hf_config = _hf_config(reader, has_output="output.weight" in tensors)
+    return LlamaConfig.from_hf(hf_config, **{**overrides, "param_dtype": dtype.name})
+
+
+def read_gguf_config(
+    path: str | os.PathLike, *, config_overrides: Mapping[str, Any] | None = None
+) -> LlamaConfig:
+    """The LlamaConfig of a GGUF file (metadata only; no tensor is dequantized)."""
+    _, reader, tensors = _open(path)
+    return _config(reader, tensors, None, config_overrides)
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    shardings: Any = None,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> tuple[LlamaConfig, dict]:
+    """A LLaMA GGUF file -> (config, params), dequantized to `dtype` (default float32).
+
+    shardings: as for `longlora_jax.io.hf.load_pretrained`.
+    config_overrides: LlamaConfig fields to set (scan_layers, dtype, LoRA, ...).
+    Raises `ConfigError` for a non-LLaMA file, `CheckpointError` for missing/unknown tensors.
+    """
+    path, reader, tensors = _open(path)
+    cfg = _config(reader, tensors, dtype, config_overrides)
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    to_gguf = {n.hf: name_map.get_name(n.hf, try_suffixes=(".weight",)) for n in tensor_names(cfg)}
+    unknown = sorted(set(tensors) - set(to_gguf.values()))
+    if unknown:
+        raise CheckpointError(f"{path.name}: tensors {unknown[:4]} are not part of a plain LLaMA "
+                              "decoder (e.g. rope_freqs: llama3 rope scaling is not supported)")
+    shapes = {hf: tuple(reversed(tensors[g].shape.tolist()))
+              for hf, g in to_gguf.items() if g in tensors}
+    heads = {"self_attn.q_proj.weight": cfg.num_attention_heads,
+             "self_attn.k_proj.weight": cfg.num_key_value_heads}
+
+    @functools.lru_cache(maxsize=1)
+    def hf_tensor(name: str) -> np.ndarray:
+        tensor = tensors[to_gguf[name]]
+        array = dequantize(tensor.data, tensor.tensor_type).reshape(shapes[name])
+        for suffix, n_heads in heads.items():
+            if name.endswith(suffix):
+                array = _unpermute_rows(array, n_heads)
+        return array
+
+    params = assemble_params(cfg, shapes, lambda name, index: hf_tensor(name)[index],
+                             dtype=cfg.param_dtype, shardings=shardings, source=path.name)
+    return cfg, params
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The HF fast tokenizer built from the GGUF metadata (offline; no hub access)."""
+    from transformers import AutoTokenizer
+
+    path = pathlib.Path(path)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)

@@ -1,0 +1,441 @@
+"""HF safetensors checkpoints <-> params, converted tensor by tensor.
+
+Layout of the params pytree (see `longlora_jax.modeling.llama`): names mirror HF's, kernels
+are stored [in, out] (HF's `weight` transposed), and the decoder layers are either
+`layers_{i}/...` or, with `cfg.scan_layers`, one `layers/...` stack with a leading axis L.
+`TensorName` / `tensor_names` / `lookup_hf` / `lookup_path` are the ONE name table, used by
+loading, saving, GGUF import and adapter export.
+
+Loading never holds two full copies of the model in host memory: every parameter (a
+scanned stack included) is built by `jax.make_array_from_callback`, whose callback
+preallocates the block a device needs and fills it layer by layer from memory-mapped
+safetensors. With target shardings each process only reads the slices of its own devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+# Tensors some checkpoints carry that the model recomputes (RoPE tables).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# ------------------------------------------------------------------------------ name table
+
+# (path in params, HF tensor name, HF stores the transpose of our array)
+_TOP: tuple[tuple[tuple[str, ...], str, bool], ...] = (
+    (("embed_tokens", "embedding"), "model.embed_tokens.weight", False),
+    (("norm", "weight"), "model.norm.weight", False),
+    (("lm_head", "kernel"), "lm_head.weight", True),
+)
+# (path inside one decoder layer, HF name after "model.layers.{i}.", transpose)
+_LAYER: tuple[tuple[tuple[str, ...], str, bool], ...] = (
+    (("input_layernorm", "weight"), "input_layernorm.weight", False),
+    (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
+    (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
+    (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
+    (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
+    (("post_attention_layernorm", "weight"), "post_attention_layernorm.weight", False),
+    (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
+    (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
+    (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
+)
+_LAYER_PREFIX = "model.layers."
+SCANNED_LAYERS = "layers"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or inconsistent; the message says which part."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorName:
+    """One HF tensor and where it lives in the params pytree.
+
+    hf: e.g. "model.layers.3.self_attn.q_proj.weight".
+    path: e.g. ("layers_3", "self_attn", "q_proj", "kernel"), or ("layers", ...) when scanned.
+    layer: index into the leading L axis of a scanned stack (None otherwise).
+    transpose: HF stores [out, in], we store [in, out].
+    """
+
+    hf: str
+    path: tuple[str, ...]
+    layer: int | None
+    transpose: bool
+
+
+def _layer_entry(layer: int, sub: tuple[str, ...], hf_suffix: str, transpose: bool,
+                 scan_layers: bool) -> TensorName:
+    path = (SCANNED_LAYERS, *sub) if scan_layers else (f"layers_{layer}", *sub)
+    return TensorName(f"{_LAYER_PREFIX}{layer}.{hf_suffix}", path,
+                      layer if scan_layers else None, transpose)
+
+
+def tensor_names(cfg: LlamaConfig) -> list[TensorName]:
+    """Every tensor of a checkpoint for `cfg`, in HF order (params layout per cfg.scan_layers)."""
+    names = [TensorName(_TOP[0][1], _TOP[0][0], None, _TOP[0][2])]
+    for layer in range(cfg.num_hidden_layers):
+        names += [_layer_entry(layer, sub, hf, t, cfg.scan_layers) for sub, hf, t in _LAYER]
+    names.append(TensorName(_TOP[1][1], _TOP[1][0], None, _TOP[1][2]))
+    if not cfg.tie_word_embeddings:
+        names.append(TensorName(_TOP[2][1], _TOP[2][0], None, _TOP[2][2]))
+    return names
+
+
+def lookup_hf(hf: str, *, scan_layers: bool = False) -> TensorName:
+    """The table entry for an HF tensor name; `CheckpointError` if the model has no such tensor."""
+    for path, name, transpose in _TOP:
+        if hf == name:
+            return TensorName(hf, path, None, transpose)
+    if hf.startswith(_LAYER_PREFIX):
+        index, _, suffix = hf[len(_LAYER_PREFIX):].partition(".")
+        for sub, name, transpose in _LAYER:
+            if suffix == name and index.isdigit():
+                return _layer_entry(int(index), sub, name, transpose, scan_layers)
+    raise CheckpointError(f"tensor {hf!r} is not part of a LLaMA decoder checkpoint")
+
+
+def lookup_path(path: tuple[str, ...], layer: int | None = None) -> TensorName:
+    """The table entry for a params path (`layer` indexes a scanned `layers` stack)."""
+    path = tuple(path)
+    for top, name, transpose in _TOP:
+        if path == top:
+            return TensorName(name, path, None, transpose)
+    head, sub = path[0], path[1:]
+    if head == SCANNED_LAYERS and layer is None:
+        raise CheckpointError(f"params path {'/'.join(path)} is a scanned stack: give `layer`")
+    if head == SCANNED_LAYERS or (head.startswith("layers_") and head[7:].isdigit()):
+        index = layer if head == SCANNED_LAYERS else int(head[7:])
+        for layer_sub, name, transpose in _LAYER:
+            if sub == layer_sub:
+                return _layer_entry(index, sub, name, transpose, head == SCANNED_LAYERS)
+    raise CheckpointError(f"params path {'/'.join(path)} has no HF tensor name")
+
+
+# ------------------------------------------------------------------------------ assembling
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {params path: shape} of `LlamaForCausalLM(cfg)` (abstract init, no memory)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), ids)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract["params"]))
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def _index_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(len(range(size)[s]) for size, s in zip(shape, index, strict=True))
+
+
+def assemble_params(
+    cfg: LlamaConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str, tuple[slice, ...]], np.ndarray],
+    *,
+    dtype: Any,
+    shardings: Any = None,
+    source: str = "checkpoint",
+) -> dict:
+    """Builds the params pytree from HF-layout tensors, one parameter at a time.
+
+    shapes: {HF name: HF shape} of every tensor the source has.
+    read(name, index): the block `tensor[index]` (HF layout) as a numpy array.
+    dtype: storage dtype of the result. shardings: None (default device), one Sharding for
+    every leaf, or a pytree of Shardings matching the params.
+    Raises `CheckpointError` for a missing or mis-shaped tensor (one line, naming it).
+    """
+    expected = param_shapes(cfg)
+    by_path: dict[tuple[str, ...], list[TensorName]] = {}
+    for name in tensor_names(cfg):
+        by_path.setdefault(name.path, []).append(name)
+    _check_tensors(cfg, shapes, expected, by_path, source)
+    unexpected = sorted(
+        set(shapes) - {n.hf for names in by_path.values() for n in names}
+        - {n for n in shapes if n.endswith(_IGNORED_SUFFIXES)}
+    )
+    if unexpected:
+        log.warning("%s: ignoring %d tensors the model does not use: %s", source,
+                    len(unexpected), ", ".join(unexpected[:8]))
+    flat_shardings = _flat_shardings(shardings, expected)
+    dtype = jnp.dtype(dtype)
+    out = {}
+    for path, shape in expected.items():
+        out[path] = jax.make_array_from_callback(
+            shape, flat_shardings[path], _block_reader(by_path[path], shape, read, dtype)
+        )
+    return traverse_util.unflatten_dict(out)
+
+
+def _check_tensors(cfg, shapes, expected, by_path, source) -> None:
+    embed = _TOP[0][1]
+    if embed in shapes and shapes[embed][0] != cfg.vocab_size:
+        raise CheckpointError(
+            f"{source}: vocab_size={cfg.vocab_size} in the config but {embed} has "
+            f"{shapes[embed][0]} rows; make config vocab_size match the embedding"
+        )
+    for path, names in by_path.items():
+        one = expected[path][1:] if names[0].layer is not None else expected[path]
+        want = tuple(reversed(one)) if names[0].transpose else one
+        for name in names:
+            if name.hf not in shapes:
+                hint = " (tie_word_embeddings is false)" if name.hf == _TOP[2][1] else ""
+                raise CheckpointError(
+                    f"{source}: missing tensor {name.hf} (expected shape {list(want)}){hint}"
+                )
+            if tuple(shapes[name.hf]) != want:
+                raise CheckpointError(
+                    f"{source}: tensor {name.hf} has shape {list(shapes[name.hf])}, "
+                    f"expected {list(want)} from the config"
+                )
+
+
+def _flat_shardings(shardings, expected) -> dict[tuple[str, ...], jax.sharding.Sharding]:
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return dict.fromkeys(expected, shardings)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(shardings))
+    if set(flat) != set(expected):
+        missing = sorted("/".join(p) for p in set(expected) ^ set(flat))
+        raise CheckpointError(f"shardings do not match the params; differing paths: {missing[:4]}")
+    return flat
+
+
+def _block_reader(names: list[TensorName], shape, read, dtype):
+    """Callback for make_array_from_callback: index (our layout) -> numpy block."""
+    stacked = names[0].layer is not None
+
+    def one(name: TensorName, index: tuple[slice, ...]) -> np.ndarray:
+        block = read(name.hf, index[::-1] if name.transpose else index)
+        return (block.T if name.transpose else block).astype(dtype, copy=False)
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if not stacked:
+            return np.ascontiguousarray(one(names[0], index))
+        out = np.empty(_index_shape(shape, index), dtype)
+        for row, layer in enumerate(range(shape[0])[index[0]]):
+            out[row] = one(names[layer], index[1:])
+        return out
+
+    return callback
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def find_weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint dir (sharded index or single file).
+
+    Raises `CheckpointError` for a missing directory, or a pickle-only checkpoint.
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    if (path / SAFE_INDEX).is_file():
+        weight_map = json.loads((path / SAFE_INDEX).read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{path / SAFE_INDEX} has no weight_map")
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if pickles:
+        raise CheckpointError(
+            f"{str(path)!r} has only pickle weights ({', '.join(pickles[:3])}), which are never "
+            "loaded; convert once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(out_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {str(path)!r}")
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    shardings: Any = None,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> tuple[LlamaConfig, dict]:
+    """Reads an HF LLaMA checkpoint dir (config.json + safetensors) -> (config, params).
+
+    dtype: storage dtype of the params (default: `param_dtype` in config_overrides, else the
+      checkpoint's); the returned config's `param_dtype` says which.
+    shardings: None (default device), a Sharding for every leaf, or a pytree of Shardings
+      matching the params (e.g. `sharding.tree_shardings`); each process reads only its shards.
+    config_overrides: LlamaConfig fields to set (scan_layers, dtype, LoRA, ...).
+    Never loads pickles and never runs checkpoint code.
+    """
+    path = pathlib.Path(path)
+    files = find_weight_files(path)
+    overrides = dict(config_overrides or {})
+    cfg = LlamaConfig.from_hf(path, **overrides)
+    with ExitStack() as stack:
+        handles = {}
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{SAFE_INDEX} names {file.name}, which is missing")
+            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            handles.update(dict.fromkeys(handle.keys(), handle))
+        slices = {name: handle.get_slice(name) for name, handle in handles.items()}
+        shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+        if dtype is None:
+            dtype = overrides.get("param_dtype") or _checkpoint_dtype(slices)
+        dtype = jnp.dtype(dtype)
+        cfg = cfg.replace(param_dtype=dtype.name)
+        params = assemble_params(
+            cfg, shapes, lambda name, index: slices[name][index], dtype=dtype,
+            shardings=shardings, source=str(path),
+        )
+    return cfg, params
+
+
+def _checkpoint_dtype(slices) -> str:
+    embed = slices.get(_TOP[0][1])
+    kind = embed.get_dtype() if embed is not None else "F32"
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly sharded, multi-host) array as one numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _hf_tensors(cfg: LlamaConfig, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, HF-layout numpy tensor) for every weight, one parameter gathered at a time."""
+    if "params" in params and "embed_tokens" not in params:
+        raise CheckpointError("pass the params tree itself, not {'params': ...} variables")
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    by_path: dict[tuple[str, ...], list[TensorName]] = {}
+    for name in tensor_names(cfg):
+        by_path.setdefault(name.path, []).append(name)
+    if set(flat) != set(by_path):
+        extra = sorted("/".join(p) for p in set(flat) - set(by_path))
+        missing = sorted("/".join(p) for p in set(by_path) - set(flat))
+        raise CheckpointError(
+            f"params do not match the config (scan_layers={cfg.scan_layers}, tied="
+            f"{cfg.tie_word_embeddings}): missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for path, names in by_path.items():
+        host = _to_host(flat[path])
+        if dtype is not None:
+            host = host.astype(dtype)
+        for name in names:
+            array = host[name.layer] if name.layer is not None else host
+            yield name.hf, np.ascontiguousarray(array.T if name.transpose else array)
+
+
+def save_pretrained(
+    cfg: LlamaConfig,
+    params: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> pathlib.Path:
+    """Writes an HF checkpoint: config.json + safetensors (sharded with an index if large).
+
+    params: scanned or unscanned, plain or flax-boxed, host or (multi-host) sharded arrays;
+      gathered to the host one parameter at a time. dtype: cast on write (default: as stored).
+    The files are written to a temporary directory first and moved into `out_dir` with the
+    entry file (index or model.safetensors) last, so a crash never leaves a checkpoint that
+    looks complete. In a multi-process run every process must call this; process 0 writes.
+    Returns `out_dir`.
+    """
+    out_dir = pathlib.Path(out_dir)
+    writer = jax.process_index() == 0
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if writer:
+        tmp.mkdir(parents=True)
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str], int]] = []  # (temp file, tensor names, bytes)
+
+    def flush():
+        file = f"part-{len(written):05d}.safetensors"
+        if writer:
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            (tmp / file).chmod(_file_mode())  # safetensors writes 0600
+        written.append((file, list(shard), sum(a.nbytes for a in shard.values())))
+        shard.clear()
+
+    try:
+        saved_dtype, shard_bytes = None, 0
+        for name, array in _hf_tensors(cfg, params, dtype):
+            saved_dtype = array.dtype if saved_dtype is None else saved_dtype
+            if shard and shard_bytes + array.nbytes > max_shard_bytes:
+                flush()
+                shard_bytes = 0
+            shard[name] = array
+            shard_bytes += array.nbytes
+        flush()
+        if writer:
+            _finish(cfg, tmp, out_dir, written, saved_dtype)
+    finally:
+        if writer and tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask: what an ordinary file write would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _finish(cfg, tmp: pathlib.Path, out_dir: pathlib.Path, written, saved_dtype) -> None:
+    """Names the shards, writes config.json and the index, and moves them into `out_dir`."""
+    hf_config = cfg.to_hf()
+    hf_config["torch_dtype"] = np.dtype(saved_dtype).name
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    order = ["config.json"]
+    if len(written) == 1:
+        (tmp / written[0][0]).rename(tmp / SAFE_SINGLE)
+        order.append(SAFE_SINGLE)
+    else:
+        weight_map, total = {}, 0
+        for k, (file, names, nbytes) in enumerate(written):
+            final = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+            (tmp / file).rename(tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+            order.append(final)
+            total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        order.append(SAFE_INDEX)
+    if not out_dir.exists():
+        tmp.rename(out_dir)  # atomic: the checkpoint appears complete or not at all
+        return
+    # Replace in place: drop the old entry file first, move the new one in last.
+    for old in [out_dir / SAFE_INDEX, out_dir / SAFE_SINGLE, *out_dir.glob("model-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    for file in order:
+        os.replace(tmp / file, out_dir / file)
