@@ -27,7 +27,9 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 # Parameter axes: embed is split over fsdp *and* sequence, so devices that split a long
 # sequence do not each hold a full copy of the weights (they all-gather per layer, as fsdp does).
 # Activation axes ("act_*"): batch over data+fsdp, tokens over sequence, heads/mlp/vocab over
-# tensor. The attention kernels (S2 groups, splash) rely on length -> sequence.
+# tensor. The attention kernels (S2 groups, splash) rely on length -> sequence. The residual
+# stream's width is split over tensor too (Megatron-style sequence parallelism), so what the
+# backward pass keeps per layer shrinks with the tensor axis (LLaMA-2-70B @ 32k on v4-16).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("layers", None),
@@ -41,7 +43,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", "sequence"),
-    ("act_embed", None),
+    ("act_embed", "tensor"),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_head_dim", None),

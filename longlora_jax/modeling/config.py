@@ -94,7 +94,7 @@ class RopeScaling:
         return cls(rope_type=rope_type, **kwargs)
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF dict for this scaling, without `rope_theta` (`{"rope_type": "default"}` if none)."""
+        """The HF dict for this scaling, without `rope_theta` ({"rope_type": "default"} if none)."""
         out: dict[str, Any] = {"rope_type": self.rope_type}
         for name in _ROPE_FIELDS[self.rope_type]:
             value = getattr(self, name)
@@ -165,8 +165,10 @@ class LlamaConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.lora_targets, list | str):
-            targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
-            object.__setattr__(self, "lora_targets", tuple(targets))
+            targets = self.lora_targets
+            object.__setattr__(
+                self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets)
+            )
         if isinstance(self.rope_scaling, Mapping) or self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
         self.validate()
@@ -189,10 +191,11 @@ class LlamaConfig:
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("attention_train", self.attention_train, ATTENTION_TRAIN)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        if self.s2_group_size is not None and (self.s2_group_size <= 0 or self.s2_group_size % 2):
-            raise ConfigError(f"s2_group_size must be a positive even number, got {self.s2_group_size}")
-        if not 0.0 < self.s2_group_size_ratio <= 1.0:
-            raise ConfigError(f"s2_group_size_ratio must be in (0, 1], got {self.s2_group_size_ratio}")
+        group, ratio = self.s2_group_size, self.s2_group_size_ratio
+        if group is not None and (group <= 0 or group % 2):
+            raise ConfigError(f"s2_group_size must be a positive even number, got {group}")
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"s2_group_size_ratio must be in (0, 1], got {ratio}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -212,11 +215,28 @@ class LlamaConfig:
         """Longest context the (scaled) positions are meant for."""
         return self.max_position_embeddings
 
+    @property
+    def context_window(self) -> int:
+        """Tokens the scaled positions cover: what evaluation may use without extrapolating.
+
+        default: max_position_embeddings; linear (PI) and dynamic (NTK):
+        max_position_embeddings * factor; yarn and llama3 (HF: max_position_embeddings is
+        already the extended length when original_max_position_embeddings is set): the larger
+        of max_position_embeddings and original_max_position_embeddings * factor.
+        """
+        rs = self.rope_scaling
+        if rs.rope_type == "default":
+            return self.max_position_embeddings
+        if rs.rope_type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * rs.factor)
+        original = rs.original_max_position_embeddings or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(original * rs.factor))
+
     def s2_group(self, seq_len: int) -> int:
         """S2-Attn group size G for a sequence of `seq_len` tokens (explicit size or ratio*N)."""
         if self.s2_group_size is not None:
             return self.s2_group_size
-        group = int(round(seq_len * self.s2_group_size_ratio))
+        group = round(seq_len * self.s2_group_size_ratio)
         return max(2, group - group % 2)
 
     def replace(self, **changes: Any) -> LlamaConfig:
@@ -233,7 +253,9 @@ class LlamaConfig:
     # ----------------------------------------------------------------------------- HF I/O
 
     @classmethod
-    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> LlamaConfig:
+    def from_hf(
+        cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any
+    ) -> LlamaConfig:
         """Reads an HF config.json dict, file or checkpoint directory.
 
         Accepts the transformers-4 spelling (`rope_theta` + `rope_scaling`) and the
@@ -250,10 +272,9 @@ class LlamaConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"{flag}=True is not supported (LLaMA decoders have no biases)")
-        if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-            raise ConfigError(
-                f"sliding_window={hf['sliding_window']} is not supported; only full causal attention"
-            )
+        window = hf.get("sliding_window")
+        if window and window < hf.get("max_position_embeddings", 0):
+            raise ConfigError(f"sliding_window={window} is not supported (full causal attention)")
         rope_block = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = rope_block.get("rope_theta", hf.get("rope_theta", 10000.0))
         act = hf.get("hidden_act", "silu")
