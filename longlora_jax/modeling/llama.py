@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.modeling import attention, rope
+from longlora_jax.modeling import attention, kv_cache, rope
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.lora import Dense
 
@@ -42,31 +42,46 @@ class RMSNorm(nn.Module):
             jnp.dtype(self.cfg.param_dtype),
         )
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.rms_norm_eps)
         # HF casts back to the input dtype before applying the weight.
         return scale.astype(self.cfg.dtype) * normed.astype(self.cfg.dtype)
 
 
 class Attention(nn.Module):
-    """x [B, N, E] -> [B, N, E]: GQA self-attention; S2-Attn when training with it on."""
+    """x [B, N, E] -> [B, N, E]: GQA self-attention; S2-Attn when training with it on.
+
+    `decode=True` appends k, v to the layer's KV cache and attends over it (full causal;
+    see `kv_cache`); segment_ids_bn are then required (0 marks left padding).
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool) -> jax.Array:
+    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool,
+                 decode: bool = False) -> jax.Array:
         cfg = self.cfg
         b, n, _ = x_bne.shape
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q = Dense(hq * d, ("embed", "heads"), cfg, name="q_proj")(x_bne, train=train)
         k = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="k_proj")(x_bne, train=train)
         v = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="v_proj")(x_bne, train=train)
-        q_bnhd = constrain(q.reshape(b, n, hq, d), "act_batch", "act_length", "act_heads", "act_head_dim")
-        k_bnkd = constrain(k.reshape(b, n, hkv, d), "act_batch", "act_length", "act_kv_heads", "act_head_dim")
-        v_bnkd = constrain(v.reshape(b, n, hkv, d), "act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        q_axes = ("act_batch", "act_length", "act_heads", "act_head_dim")
+        kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        q_bnhd = constrain(q.reshape(b, n, hq, d), *q_axes)
+        k_bnkd = constrain(k.reshape(b, n, hkv, d), *kv_axes)
+        v_bnkd = constrain(v.reshape(b, n, hkv, d), *kv_axes)
         q_bnhd = rope.apply_rotary(q_bnhd, cos_bnd, sin_bnd)
         k_bnkd = rope.apply_rotary(k_bnkd, cos_bnd, sin_bnd)
-        out_bnhd = attention.attend(q_bnhd, k_bnkd, v_bnkd, cfg, train=train, segment_ids=segment_ids_bn)
-        out_bnhd = constrain(out_bnhd, "act_batch", "act_length", "act_heads", "act_head_dim")
+        if decode:
+            k_bskd, v_bskd, kv_segment_bs, start = kv_cache.KVCache(name="cache")(
+                k_bnkd, v_bnkd, segment_ids_bn)
+            out_bnhd = kv_cache.cached_attention(
+                q_bnhd, k_bskd, v_bskd, kv_segment_bs, segment_ids_bn, start)
+        else:
+            out_bnhd = attention.attend(
+                q_bnhd, k_bnkd, v_bnkd, cfg, train=train, segment_ids=segment_ids_bn)
+        out_bnhd = constrain(out_bnhd, *q_axes)
         return Dense(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(
             out_bnhd.reshape(b, n, hq * d), train=train
         )
@@ -80,8 +95,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_bne: jax.Array, train: bool) -> jax.Array:
         cfg = self.cfg
-        gate = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x_bne, train=train)
-        up = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x_bne, train=train)
+        f = cfg.intermediate_size
+        gate = Dense(f, ("embed", "mlp"), cfg, name="gate_proj")(x_bne, train=train)
+        up = Dense(f, ("embed", "mlp"), cfg, name="up_proj")(x_bne, train=train)
         h_bnf = constrain(nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
         return Dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(h_bnf, train=train)
 
@@ -92,10 +108,11 @@ class DecoderLayer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool):
+    def __call__(self, x_bne, cos_bnd, sin_bnd, segment_ids_bn, train: bool, decode: bool):
         cfg = self.cfg
         h = RMSNorm(cfg, name="input_layernorm")(x_bne)
-        x_bne = x_bne + Attention(cfg, name="self_attn")(h, cos_bnd, sin_bnd, segment_ids_bn, train)
+        x_bne = x_bne + Attention(cfg, name="self_attn")(
+            h, cos_bnd, sin_bnd, segment_ids_bn, train, decode)
         h = RMSNorm(cfg, name="post_attention_layernorm")(x_bne)
         x_bne = x_bne + MLP(cfg, name="mlp")(h, train)
         x_bne = constrain(x_bne, "act_batch", "act_length", "act_embed")
@@ -108,19 +125,19 @@ def _layer_stack(cfg: LlamaConfig):
     """The decoder layer class, wrapped in remat and (optionally) scan as the config asks."""
     layer = DecoderLayer
     if cfg.remat_policy != "none":
-        # static_argnums counts `self` as 0: `train` is argument 5.
+        # static_argnums counts `self` as 0: `train` and `decode` are arguments 5 and 6.
         layer = nn.remat(
             layer,
             policy=_REMAT_POLICIES[cfg.remat_policy],
             prevent_cse=not cfg.scan_layers,
-            static_argnums=(5,),
+            static_argnums=(5, 6),
         )
     if cfg.scan_layers:
         layer = nn.scan(
             layer,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, kv_cache.CACHE_COLLECTION: 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast,) * 5,
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -135,6 +152,10 @@ class LlamaForCausalLM(nn.Module):
     packed documents from attending to each other. `return_hidden=True` returns the final
     normed hidden states [B, N, E] instead of logits (the chunked loss projects them itself
     through `project`).
+
+    `decode=True` runs on the KV cache (`modeling.kv_cache`): apply with the `cache`
+    collection mutable; `position_ids` are then required and `segment_ids` default to ones
+    (0 marks left padding). An `init` in decode mode creates a cache as long as its input.
     """
 
     cfg: LlamaConfig
@@ -167,18 +188,23 @@ class LlamaForCausalLM(nn.Module):
         *,
         train: bool = False,
         return_hidden: bool = False,
+        decode: bool = False,
     ) -> jax.Array:
         cfg = self.cfg
         b, n = input_ids.shape
         if position_ids is None:
+            if decode and not self.is_initializing():
+                raise ValueError("decode=True needs position_ids (the cache holds earlier tokens)")
             position_ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        if decode and segment_ids is None:
+            segment_ids = jnp.ones((b, n), jnp.int32)
         cos_bnd, sin_bnd = rope.rotary_tables(cfg, position_ids)
         x_bne = constrain(self.embed_tokens(input_ids), "act_batch", "act_length", "act_embed")
         if cfg.scan_layers:
-            x_bne, _ = self.layers(x_bne, cos_bnd, sin_bnd, segment_ids, train)
+            x_bne, _ = self.layers(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
         else:
             for layer in self.layers:
-                x_bne = layer(x_bne, cos_bnd, sin_bnd, segment_ids, train)
+                x_bne = layer(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
         h_bne = self.norm(x_bne)
         if return_hidden:
             return h_bne
