@@ -1,0 +1,199 @@
+"""The training configuration: every field, its default, and how it becomes a LlamaConfig.
+
+Configs under `configs/` start from `default_config()` and change what they need; any field
+can be overridden on the command line (`--config.lora.rank=16`).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from longlora_jax.data.config import default_data_config
+from longlora_jax.modeling.config import ConfigError, LlamaConfig, RopeScaling, linear_pi_factor
+from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.optim import default_optim_config
+from longlora_jax.pretrained import BaseSpec, base_config
+from longlora_jax.train_step import StepOptions, TrainSetup, build_train_setup
+
+ROPE_EXTENSIONS = ("linear", "dynamic", "yarn", "none")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All training fields.
+
+    model.base          where the frozen base comes from: "smollm2" | "hf:DIR" | "gguf:FILE" |
+                        "preset:NAME" (random init; see `longlora_jax.pretrained`).
+    model.tokenizer     "auto" | "bytes" | "llama2" | "hf:DIR".
+    model.overrides     LlamaConfig architecture fields for a "preset:" base (e.g. layers).
+    model.dtype         compute dtype ("bfloat16" on accelerators, "float32" on CPU).
+    model.frozen_dtype  storage dtype of frozen weights; trainable leaves are always fp32.
+    model.remat         "none" | "full" | "dots" | "dots_no_batch".
+    model.scan          run the layers under nn.scan (faster compiles, one layer's memory).
+    seq_len             training context length N.
+    rope.type           context extension: "linear" (position interpolation, the paper) |
+                        "dynamic" | "yarn" | "none" (keep the base's own scaling).
+    rope.factor         scaling factor; 0 = ceil(seq_len / rope.original_context).
+    rope.original_context  the base's trained context; 0 = its max_position_embeddings.
+    attention.train     "s2" (shifted sparse attention) | "full".
+    attention.group_size_ratio / attention.group_size  S2 group G (size > 0 wins).
+    attention.wrap      the paper's Algorithm 1 wrap-around for the last shifted group.
+    attention.impl      "auto" | "xla" | "splash" | "cudnn".
+    attention.mask_documents  keep packed documents from attending to each other.
+    lora.mode           "lora" | "lora_plus" (LongLoRA: + embeddings and norms) | "full".
+    lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full").
+    optim.*             see `longlora_jax.optim.default_optim_config`; total_steps 0 = max_steps.
+    batch.global_batch  sequences per optimizer step (over all devices and processes).
+    batch.micro_batch   sequences per forward pass; global/micro = gradient accumulation.
+    max_steps           optimizer steps of the whole run (a resumed run continues to it).
+    log_every           steps between metric lines (metrics.jsonl, TensorBoard).
+    eval.every          steps between held-out evaluations (0 = never during training).
+    eval.before / eval.after  evaluate before the first and after the last step.
+    eval.seq_len        evaluation window (0 = seq_len); eval.protocol "nonoverlap" | "official".
+    eval.max_windows    windows per evaluation (0 = all); eval.batch windows per forward.
+    checkpoint.every / keep / async_save   orbax checkpoint cadence and retention.
+    mesh.data / fsdp / sequence / tensor   device mesh; one axis may be -1 (the rest).
+    data.*              see `longlora_jax.data.config.default_data_config`.
+    loss_chunk          tokens per chunk of the chunked cross-entropy.
+    seed                initialisation, dropout and data order.
+    """
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        base="preset:tiny", tokenizer="auto", overrides=ml_collections.ConfigDict(),
+        dtype="float32", frozen_dtype="bfloat16", remat="full", scan=True,
+    ))
+    c.seq_len = 2048
+    c.rope = ml_collections.ConfigDict(dict(type="linear", factor=0.0, original_context=0))
+    c.attention = ml_collections.ConfigDict(dict(
+        train="s2", group_size_ratio=0.25, group_size=0, wrap=False, impl="auto",
+        mask_documents=False,
+    ))
+    c.lora = ml_collections.ConfigDict(dict(
+        mode="lora_plus", rank=8, alpha=16.0, dropout=0.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    ))
+    c.optim = default_optim_config()
+    c.optim.total_steps = 0
+    c.batch = ml_collections.ConfigDict(dict(global_batch=8, micro_batch=0))
+    c.max_steps = 1000
+    c.log_every = 10
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0, before=True, after=True, seq_len=0, protocol="nonoverlap", max_windows=16,
+        batch=1,
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    c.data = default_data_config()
+    c.loss_chunk = 1024
+    c.seed = 0
+    return c
+
+
+def rope_scaling(config: ml_collections.ConfigDict, base: LlamaConfig) -> RopeScaling:
+    """The context-extension scaling for `config.seq_len` on top of `base`."""
+    kind = config.rope.type
+    if kind not in ROPE_EXTENSIONS:
+        raise ConfigError(f"rope.type={kind!r}; valid: {', '.join(ROPE_EXTENSIONS)}")
+    if kind == "none":
+        return base.rope_scaling
+    original = config.rope.original_context or base.max_position_embeddings
+    factor = config.rope.factor or linear_pi_factor(config.seq_len, original)
+    if factor <= 1.0:
+        return base.rope_scaling  # the base's window already covers seq_len
+    if kind == "yarn":
+        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=original)
+    return RopeScaling(kind, factor=factor)
+
+
+def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSpec]:
+    """The run's LlamaConfig (base architecture + extension + S2 + LoRA + numerics)."""
+    spec = BaseSpec.parse(config.model.base)
+    overrides = dict(config.model.overrides)
+    if overrides and spec.kind != "preset":
+        raise ConfigError(
+            f"model.overrides {sorted(overrides)} only apply to a preset base, not {spec}"
+        )
+    base = base_config(spec, overrides)
+    lora_on = config.lora.mode in ("lora", "lora_plus")
+    cfg = base.replace(
+        rope_scaling=rope_scaling(config, base),
+        dtype=config.model.dtype,
+        param_dtype="float32",
+        remat_policy=config.model.remat,
+        scan_layers=config.model.scan,
+        attention_train=config.attention.train,
+        attention_impl=config.attention.impl,
+        s2_group_size=config.attention.group_size or None,
+        s2_group_size_ratio=config.attention.group_size_ratio,
+        s2_wrap=config.attention.wrap,
+        lora_rank=config.lora.rank if lora_on else 0,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        lora_targets=tuple(config.lora.targets),
+    )
+    if lora_on and cfg.lora_rank <= 0:
+        raise ConfigError(f"lora.rank={config.lora.rank} must be > 0 for mode {config.lora.mode!r}")
+    check_seq_len(cfg, config.seq_len, config.mesh.sequence)
+    return cfg, spec
+
+
+def check_seq_len(cfg: LlamaConfig, seq_len: int, sequence_shards: int) -> None:
+    """Raises ConfigError when S2-Attn (or the sequence split) cannot use `seq_len`."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len} must be >= 2")
+    if sequence_shards > 1 and seq_len % sequence_shards:
+        raise ConfigError(f"seq_len={seq_len} is not divisible by mesh.sequence={sequence_shards}")
+    if cfg.attention_train != "s2":
+        return
+    group = cfg.s2_group(seq_len)
+    if group > seq_len or seq_len % group:
+        raise ConfigError(
+            f"S2-Attn group size {group} does not divide seq_len={seq_len}; pick a seq_len that "
+            f"is a multiple of it or set attention.group_size (even, dividing seq_len)"
+        )
+    if sequence_shards > 1 and (seq_len // sequence_shards) % group:
+        raise ConfigError(
+            f"seq_len/mesh.sequence = {seq_len // sequence_shards} is not a multiple of the S2 "
+            f"group {group}; S2 stays shard-local only when each shard holds whole groups"
+        )
+
+
+def batch_sizes(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
+    """(global batch, gradient-accumulation steps), checked against the mesh."""
+    global_batch = config.batch.global_batch
+    micro = config.batch.micro_batch or global_batch
+    if global_batch <= 0 or micro <= 0 or global_batch % micro:
+        raise ConfigError(
+            f"batch.global_batch={global_batch} must be a positive multiple of "
+            f"batch.micro_batch={micro}"
+        )
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % data_ways:
+        raise ConfigError(
+            f"batch.micro_batch={micro} must be a multiple of mesh data*fsdp={data_ways}"
+        )
+    if global_batch % jax.process_count():
+        raise ConfigError(
+            f"batch.global_batch={global_batch} must be a multiple of the process count "
+            f"{jax.process_count()}"
+        )
+    return global_batch, global_batch // micro
+
+
+def build_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainSetup, BaseSpec, int]:
+    """(TrainSetup, base spec, global batch) of a training config on `mesh`; abstract only.
+
+    Shared by training, export/evaluation of a workdir, and ahead-of-time compilation.
+    """
+    if config.optim.total_steps <= 0:
+        config.optim.total_steps = config.max_steps
+    cfg, spec = model_config(config)
+    global_batch, accum = batch_sizes(config, mesh)
+    setup = build_train_setup(
+        LlamaForCausalLM(cfg), mesh, mode=config.lora.mode, optim_cfg=config.optim,
+        options=StepOptions(accum_steps=accum, loss_chunk=config.loss_chunk,
+                            mask_documents=config.attention.mask_documents),
+        seq_len=config.seq_len, frozen_dtype=config.model.frozen_dtype,
+    )
+    return setup, spec, global_batch

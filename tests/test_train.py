@@ -1,0 +1,178 @@
+"""The training entry point: exact resume, SIGTERM, sharded == unsharded, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from longlora_jax import cli, train
+from longlora_jax.checkpointing import Checkpointer, CheckpointMismatchError
+from longlora_jax.data.config import DataError
+from longlora_jax.modeling.config import ConfigError
+from longlora_jax.sharding import MeshError
+from tests.helpers import REPO_ROOT, run_python
+
+CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
+FAST = [
+    "--config.seq_len=128", "--config.batch.global_batch=2", "--config.eval.before=False",
+    "--config.eval.after=False", "--config.checkpoint.async_save=False",
+    "--config.data.prefetch=0",
+]
+
+
+def _config(*overrides: str):
+    return cli.parse(["--config", CONFIG, *FAST, *overrides], description="test").config
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict[int, float]:
+    workdir = tmp_path_factory.mktemp("straight")
+    train.train(_config("--config.max_steps=6", "--config.checkpoint.every=3"), workdir)
+    return _losses(workdir)
+
+
+def test_resume_is_exact(straight, tmp_path):
+    train.train(_config("--config.max_steps=3", "--config.checkpoint.every=3"), tmp_path)
+    assert Checkpointer(tmp_path, every=0, keep=1).steps() == [3]
+    summary = train.train(_config("--config.max_steps=6", "--config.checkpoint.every=3"), tmp_path)
+    assert summary["start_step"] == 3
+    resumed = _losses(tmp_path)
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
+    assert straight[6] < straight[1]  # it does learn
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path):
+    workdir = tmp_path / "interrupted"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    cmd = [sys.executable, "-m", "longlora_jax.train", "--config", CONFIG, "--workdir",
+           str(workdir), *FAST, "--config.max_steps=400", "--config.checkpoint.every=1000"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    steps = Checkpointer(workdir, every=0, keep=1).steps()
+    assert len(steps) == 1 and 2 <= steps[0] < 400
+    end = steps[0] + 3
+    train.train(_config(f"--config.max_steps={end}", "--config.checkpoint.every=1000"), workdir)
+    straight = tmp_path / "straight"
+    train.train(_config(f"--config.max_steps={end}", "--config.checkpoint.every=1000"), straight)
+    resumed, reference = _losses(workdir), _losses(straight)
+    for step in range(steps[0] + 1, end + 1):
+        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed, reference)
+
+
+def test_sharded_equals_unsharded():
+    code = """
+    import json, pathlib, sys, tempfile
+    from longlora_jax import cli, train
+    args = sys.argv[1:]
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    config = cli.parse(["--config", "configs/tiny_cpu.py", *{fast}, "--config.max_steps=3",
+                        "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4",
+                        "--config.checkpoint.every=0", *{mesh}], description="t").config
+    train.train(config, workdir)
+    print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
+                      .splitlines()]))
+    """
+    single = ["--config.mesh.data=1"]
+    multi = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=2"]
+    one = json.loads(run_python(code.format(fast=FAST, mesh=single), devices=1).splitlines()[-1])
+    eight = json.loads(run_python(code.format(fast=FAST, mesh=multi), devices=8).splitlines()[-1])
+    assert len(one) == len(eight) == 3
+    np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key_is_one_line():
+    with pytest.raises(cli.UsageError, match=r"unknown config key 'lora.rnk'.*rank"):
+        cli.parse(["--config", CONFIG, "--config.lora.rnk=4"], description="t")
+
+
+def test_cli_prints_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "longlora_jax.train", "--config", CONFIG, "--workdir",
+         str(tmp_path), "--config.mesh.data=3"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: mesh") and "3 devices but 1" in proc.stderr
+
+
+def test_mesh_product_must_match_devices(tmp_path):
+    with pytest.raises(MeshError, match="4 devices but 1 are available"):
+        train.train(_config("--config.mesh.data=2", "--config.mesh.tensor=2"), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.seq_len=250"], "does not divide seq_len=250"),
+    (["--config.attention.group_size=512"], "does not divide seq_len=128"),
+])
+def test_seq_len_s2_cannot_use(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train.train(_config(*overrides), tmp_path)
+
+
+def test_workdir_of_a_different_model(tmp_path):
+    train.train(_config("--config.max_steps=1", "--config.checkpoint.every=1"), tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="lora_rank=8 there, 4 here"):
+        train.train(_config("--config.max_steps=2", "--config.lora.rank=4"), tmp_path)
+    assert Checkpointer(tmp_path, every=0, keep=1).steps() == [1]
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(DataError):
+        train.train(_config("--config.data.source=text_files",
+                            f"--config.data.paths=('{tmp_path}/nope.txt',)"), tmp_path / "a")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError):
+        train.train(_config("--config.data.source=text_files",
+                            f"--config.data.paths=('{empty}',)"), tmp_path / "b")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    train.train(_config("--config.max_steps=2", "--config.checkpoint.every=1"), tmp_path)
+    with pytest.raises(train.TrainingStopped, match=r"loss is (nan|inf) at step \d+; stopped "
+                       r"without saving, the newest checkpoint \(step \d+\) is untouched"):
+        train.train(_config("--config.max_steps=8", "--config.checkpoint.every=1",
+                            "--config.optim.lr=1e38", "--config.optim.warmup_steps=0",
+                            "--config.optim.clip_norm=0.0"), tmp_path)
+    checkpointer = Checkpointer(tmp_path, every=0, keep=1)
+    assert checkpointer.steps()[-1] >= 2
+    good = checkpointer.steps()
+    assert all(np.isfinite(loss) for s, loss in _losses(tmp_path).items() if s in good)
+
+
+def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
+    train.train(_config("--config.max_steps=4", "--config.checkpoint.every=2"), tmp_path)
+    latest = tmp_path / "checkpoints" / "4" / "state"
+    for path in latest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
+    assert summary["start_step"] == 2
+    assert "unreadable" in capsys.readouterr().out
