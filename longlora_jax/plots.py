@@ -1,0 +1,68 @@
+"""PNG plots of evaluation results: one line per model against context length.
+
+Drawn on a bare `matplotlib.figure.Figure` (Agg canvas, no pyplot, no global backend switch),
+so plotting works headless and in threads.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+Series = Mapping[str, Mapping[int, float]]
+
+
+def line_plot(series: Series, path: str | pathlib.Path, *, title: str, ylabel: str,
+              log_y: bool = False, windows: Mapping[str, int] | None = None,
+              ylim: tuple[float, float] | None = None) -> pathlib.Path:
+    """Writes `path` (PNG): for each name, its {length: value} as a line over log2 lengths.
+
+    windows: {name: context window}; each distinct window within the lengths is drawn as a
+    dotted vertical line.
+    """
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lengths = sorted({length for points in series.values() for length in points})
+    for name, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    for window in sorted(w for w in set((windows or {}).values()) if w <= lengths[-1]):
+        ax.axvline(window, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"window {window}", (window, 1), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=8, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(x) for x in lengths])
+    if log_y:
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path)
+    return path
+
+
+def perplexity_plot(series: Series, path: str | pathlib.Path, *, title: str,
+                    windows: Mapping[str, int] | None = None) -> pathlib.Path:
+    """Perplexity vs context length (log y: beyond the window it explodes)."""
+    return line_plot(series, path, title=title, ylabel="perplexity", log_y=True, windows=windows)
+
+
+def passkey_plot(series: Series, path: str | pathlib.Path, *, title: str,
+                 windows: Mapping[str, int] | None = None) -> pathlib.Path:
+    """Passkey retrieval accuracy (0..1) vs context length."""
+    return line_plot(series, path, title=title, ylabel="passkey accuracy", windows=windows,
+                     ylim=(-0.05, 1.05))
