@@ -1,0 +1,20 @@
+"""LLaMA-2-70B extended to 32k (paper Table 4).
+
+    python -m longlora_jax.train --config configs/llama2_70b_32k.py[:gpu] --workdir W \
+        --config.model.base=hf:Llama-2-70b-hf
+    python -m longlora_jax.aot --config configs/llama2_70b_32k.py --topology v4-16
+
+Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-16, mesh {"sequence": 4, "tensor": 2},
+micro-batch 1; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 2, "sequence": 4},
+micro-batch 2. Global batch 64 either way (gradient accumulation).
+"""
+
+from longlora_jax.recipes import Layout, longlora
+
+
+def get_config(variant: str = "tpu"):
+    return longlora(
+        "llama2-70b", 32_768, variant,
+        tpu=Layout({"sequence": 4, "tensor": 2}, micro_batch=1),
+        gpu=Layout({"fsdp": 2, "sequence": 4}, micro_batch=2),
+    )

@@ -1,0 +1,108 @@
+"""The LongLoRA paper's runs as configs: the recipe they share and where each one runs.
+
+Every `configs/llama*_*.py` and `configs/longalpaca_sft_16k.py` is `longlora(...)` or
+`longalpaca_sft(...)` with its model, length and two layouts:
+
+  "tpu" (default)  a named TPU v4 slice; `python -m longlora_jax.aot --config C
+                   --topology SLICE` compiles the step for it and checks that it fits;
+  "gpu"            one node of 8 A100/H100-80GB GPUs (the paper's hardware), one process per
+                   node (launch/slurm_gpu.sbatch); estimates, not compiled here.
+
+Pick one with `--config configs/X.py:gpu`. The recipe (the official fine-tune.py and
+supervised-fine-tune.py): S2-Attn with G = N/4 (wrap off, the flash path), linear position
+interpolation ceil(N / 4096), LoRA rank 8 (alpha 16) on q/k/v/o plus trainable embeddings and
+norms (LoRA+), AdamW lr 2e-5 with 20 warmup steps then constant, weight decay 0, global batch
+64 sequences (micro-batches of one sequence per data shard and gradient accumulation), 1000
+steps, bf16 compute and frozen weights, full rematerialisation, scanned layers.
+
+The base defaults to a random init of the architecture ("preset:..."), enough for AOT
+compilation and throughput runs; fine-tuning loads the real checkpoint with
+`--config.model.base=hf:DIR`. Data paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from longlora_jax.train_config import default_config
+
+VARIANTS = ("tpu", "gpu")
+PAPER_GLOBAL_BATCH = 64
+# RedPajama-Data-1T-Sample (jsonl, field "text"): what the official fine-tune.py trains on.
+REDPAJAMA = ("data/RedPajama-Data-1T-Sample/*.jsonl",)
+# LongAlpaca-12k (JSON list of instruction/output records): the official SFT data.
+LONGALPACA = ("data/LongAlpaca-12k.json",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a run is laid out on its hardware: the mesh (axes left out are 1) and the
+    micro-batch (sequences per forward pass over all devices)."""
+
+    mesh: dict[str, int]
+    micro_batch: int
+
+
+def _variant(variant: str, tpu: Layout, gpu: Layout) -> Layout:
+    if variant not in VARIANTS:
+        from longlora_jax.modeling.config import ConfigError
+
+        raise ConfigError(f"config variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return tpu if variant == "tpu" else gpu
+
+
+def _common(preset: str, seq_len: int, layout: Layout, tokenizer: str) -> ml_collections.ConfigDict:
+    c = default_config()
+    c.model.base = f"preset:{preset}"
+    c.model.tokenizer = tokenizer
+    c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"
+    c.model.remat = "full"
+    c.model.scan = True
+    c.seq_len = seq_len
+    c.rope.type = "linear"
+    c.attention.train = "s2"
+    c.attention.group_size_ratio = 0.25
+    c.attention.impl = "auto"
+    c.lora.mode = "lora_plus"
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.optim.lr = 2e-5
+    c.optim.warmup_steps = 20
+    c.optim.schedule = "constant_with_warmup"
+    c.optim.weight_decay = 0.0
+    c.batch.global_batch = PAPER_GLOBAL_BATCH
+    c.batch.micro_batch = layout.micro_batch
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1,
+                                        **layout.mesh})
+    c.log_every = 1
+    c.checkpoint.every = 200
+    c.checkpoint.keep = 2
+    # Perplexity on PG19 / proof-pile runs afterwards with `python -m longlora_jax.evaluate`.
+    c.eval.before = False
+    c.eval.after = False
+    return c
+
+
+def longlora(preset: str, seq_len: int, variant: str, *, tpu: Layout, gpu: Layout,
+             tokenizer: str = "llama2") -> ml_collections.ConfigDict:
+    """Context extension (fine-tune.py): RedPajama, 1000 steps."""
+    c = _common(preset, seq_len, _variant(variant, tpu, gpu), tokenizer)
+    c.max_steps = 1000
+    c.data.source = "jsonl"
+    c.data.paths = REDPAJAMA
+    c.data.text_field = "text"
+    return c
+
+
+def longalpaca_sft(preset: str, seq_len: int, variant: str, *, tpu: Layout, gpu: Layout,
+                   tokenizer: str = "llama2") -> ml_collections.ConfigDict:
+    """Supervised fine-tuning (supervised-fine-tune.py): LongAlpaca-12k, 5 epochs of 64."""
+    c = _common(preset, seq_len, _variant(variant, tpu, gpu), tokenizer)
+    c.max_steps = -(-12_000 * 5 // PAPER_GLOBAL_BATCH)
+    c.data.source = "sft_json"
+    c.data.paths = LONGALPACA
+    c.data.sft_template = "longlora"
+    return c
