@@ -128,6 +128,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if restored is not None:
         state, start_step = restored
         writer.say(f"resumed from checkpoint at step {start_step} in {checkpointer.directory}")
+    if start_step >= config.max_steps:
+        # A finished run: leave its metrics and summary as they are.
+        checkpointer.close()
+        writer.close()
+        print(f"nothing to do: the checkpoint is at step {start_step} and max_steps is "
+              f"{config.max_steps}; raise --config.max_steps to train further", flush=True)
+        summary_path = workdir / "summary.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        return {"start_step": start_step, "end_step": start_step}
     writer.progress(start_step, {})
     writer.say(
         f"model {spec} | {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "

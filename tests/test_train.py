@@ -52,6 +52,12 @@ def test_resume_is_exact(straight, tmp_path):
         assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
     assert straight[6] < straight[1]  # it does learn
 
+    # The same command again: nothing to do, and the finished run's records stay as they are.
+    records = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "summary.json")}
+    again = train.train(_config("--config.max_steps=6", "--config.checkpoint.every=3"), tmp_path)
+    assert again == summary
+    assert {name: (tmp_path / name).read_text() for name in records} == records
+
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
     workdir = tmp_path / "interrupted"
