@@ -123,6 +123,17 @@ def test_smollm2_tokenizer_from_gguf_metadata():
     assert tok.decode(ids) == text
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
 
+    # The same tokenizer as transformers' own GGUF route (which needs torch; ours does not).
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                     local_files_only=True)
+    long_text = "\n\n".join(d.text for d in assets.essays()[:3]) + " ünïcode 🙂 <|im_end|>"
+    assert tok(long_text).input_ids == ref(long_text).input_ids
+    chat = [{"role": "user", "content": "What is the pass key?"}]
+    assert (tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    assert ((tok.pad_token_id, tok.unk_token_id, tok.add_bos_token)
+            == (ref.pad_token_id, ref.unk_token_id, ref.add_bos_token))
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -151,8 +151,30 @@ def load_gguf(
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The HF fast tokenizer built from the GGUF metadata (offline; no hub access)."""
-    from transformers import AutoTokenizer
+    """The HF fast tokenizer built from the GGUF metadata (offline; no hub access).
 
-    path = pathlib.Path(path)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    The same tokenizer as `AutoTokenizer.from_pretrained(dir, gguf_file=...)` (transformers'
+    own vocabulary/merges/special-token conversion), but the metadata is read with `gguf`:
+    transformers' GGUF reader imports torch, which the runtime does not install.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    reader = gguf.GGUFReader(path)
+    grouped = {
+        group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                if reader.get_field(f"tokenizer.{key}") is not None}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in vocabulary:
+        raise CheckpointError(f"{path}: the GGUF metadata has no tokenizer.ggml.tokens")
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = _field(reader, f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = vocabulary["tokens"][token_id] if token_id is not None else None
+    backend, _ = convert_gguf_tokenizer(_field(reader, "general.architecture"), vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
