@@ -291,7 +291,7 @@ def _hf_peft_variant(n: int, args) -> _Variant:
                                 max_position_embeddings=max(n, 8192)).to_hf()
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj",
                                                               "o_proj"]))
