@@ -330,6 +330,8 @@ def evaluate_models(args: argparse.Namespace, log: Callable[[str], None]) -> lis
         variants = []
         for rope in ropes:
             cfg = with_rope(base.cfg, rope)
+            if any(cfg.rope_scaling == seen.rope_scaling for seen, _ in variants):
+                continue  # e.g. "4" on a run trained with PI x4: the same model as "own"
             name = base.name if rope is None else f"{base.name} ({rope_label(cfg)})"
             check_lengths(cfg, lengths, name, allow=args.allow_beyond_context)
             variants.append((cfg, name))

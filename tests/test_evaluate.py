@@ -122,8 +122,10 @@ def run_cli(capsys, *argv):
 
 def test_cli_writes_tables_and_plots(capsys, tmp_path):
     out = tmp_path / "eval"
-    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "384,512", "--rope-factor", "own,2",
-                                "--passkey", "1", "--out", str(out), "--prefill-chunk", "128")
+    # "1" and "linear:2" repeat "own" and "2": each RoPE variant is evaluated once.
+    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "384,512",
+                                "--rope-factor", "own,2,1,linear:2", "--passkey", "1",
+                                "--out", str(out), "--prefill-chunk", "128")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
