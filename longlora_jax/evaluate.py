@@ -281,10 +281,12 @@ def markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: d
     sections = []
     if any(r.perplexity for r in results):
         counts = {n: int(p["windows"]) for r in results for n, p in r.perplexity.items()}
+        beyond = any(n > r.context_window for r in results for n in r.perplexity)
         sections.append([
             f"## Perplexity ({settings['protocol']} windows, data {settings['data']})", "",
             *head, *rows(ppl_cell), "",
-            "\\* beyond the model's context window. Windows per length: "
+            ("\\* beyond the model's context window. " if beyond else "")
+            + "Windows per length: "
             + ", ".join(f"{n}: {counts[n]}" for n in lengths if n in counts) + "."])
     if any(r.passkey for r in results):
         sections.append([f"## Passkey retrieval ({settings['passkey']} trials per length)", "",

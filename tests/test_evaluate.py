@@ -137,6 +137,7 @@ def test_cli_writes_tables_and_plots(capsys, tmp_path):
     assert all(p["trials"] == 1 and p["prompt_tokens"] <= 384 for p in [first["passkey"]["384"]])
     table = (out / "results.md").read_text()
     assert "| preset:tiny | none | 1024 |" in table and "| linear x2 | 2048 |" in table
+    assert "beyond the model's context window" not in table  # every length fits
     for png in ("ppl_vs_length.png", "passkey_vs_length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Perplexity" in stdout
