@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -99,8 +100,12 @@ def make_mesh(shape: Mapping[str, int] | None = None,
         from jax.experimental import mesh_utils
 
         device_grid = mesh_utils.create_device_mesh(dims, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        # Topology-aware placement is only known for some platforms; fall back to id order.
+    except (NotImplementedError, AssertionError) as err:
+        # TPU placement fails for shapes the torus cannot hold without splitting an axis
+        # (NotImplementedError) and for device subsets that are not a sub-cube (an assert in
+        # mesh_utils); the mesh is still correct in id order, only its collectives slower.
+        warnings.warn(f"mesh {sizes}: no topology-aware device placement "
+                      f"({type(err).__name__}); devices placed in id order", stacklevel=2)
         device_grid = np.asarray(devices).reshape(dims)
     return Mesh(device_grid, MESH_AXES)
 

@@ -278,3 +278,18 @@ def test_moonshot_compiles_and_fits(name, tmp_path):
     report = json.loads(out.read_text())
     assert report["fits"] and report["per_chip_bytes"] <= report["usable_hbm_bytes"]
     assert report["kernels"]["splash"] > 0 and report["kernels"]["xla_softmax"] == 0
+
+
+def test_mesh_over_irregular_tpu_devices_warns_and_uses_id_order():
+    """Three chips of a v4-16 are no sub-cube: topology-aware placement fails, the mesh is
+    still built (in id order) and a warning says so."""
+    out = run_python("""
+    import warnings
+    from longlora_jax import aot, sharding
+    devices = aot.topology_devices(aot.parse_topology("v4-16"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mesh = sharding.make_mesh({"data": 3}, devices=devices[1:4])
+    print([d.id for d in mesh.devices.flat], [str(w.message) for w in caught])
+    """)
+    assert "[1, 2, 3]" in out and "devices placed in id order" in out
