@@ -13,7 +13,6 @@ warning in favour of the one before it.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from collections.abc import Mapping
@@ -101,11 +100,18 @@ class Checkpointer:
         ]
 
     def check_compatible(self, expected: Mapping[str, Any]) -> None:
-        """Raises CheckpointMismatchError if the newest checkpoint's fingerprint differs."""
-        steps = self.steps()
-        if not steps:
+        """Raises CheckpointMismatchError if the newest readable checkpoint's fingerprint
+        differs (an unreadable newest meta is reported, as `restore_latest` does for state)."""
+        for step in reversed(self.steps()):
+            try:
+                found = self.read_meta(step).get("fingerprint", {})
+            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+                print(f"warning: metadata of checkpoint {self.directory / str(step)} is "
+                      f"unreadable ({_first_line(err)}); checking the previous one", flush=True)
+                continue
+            break
+        else:
             return
-        found = self.read_meta(steps[-1]).get("fingerprint", {})
         for key, value in expected.items():
             if found.get(key) != value:
                 raise CheckpointMismatchError(
@@ -128,12 +134,11 @@ class Checkpointer:
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
                     ),
                 )
-            except (ValueError, OSError, json.JSONDecodeError) as err:
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err)
+            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
                 log.warning("checkpoint at step %d is unreadable (%s); trying the previous one",
-                            step, first_line)
+                            step, _first_line(err))
                 print(f"warning: checkpoint {self.directory / str(step)} is unreadable "
-                      f"({first_line}); falling back to the previous one", flush=True)
+                      f"({_first_line(err)}); falling back to the previous one", flush=True)
                 continue
             return restored["state"], step
         return None
@@ -151,6 +156,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def restore_for_export(

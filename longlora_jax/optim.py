@@ -21,6 +21,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from longlora_jax.modeling.config import ConfigError
 from longlora_jax.modeling.lora import param_kind
 
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")
@@ -60,17 +61,17 @@ def lr_schedule(optim_cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """step -> learning rate (step 0 is the first update, at lr 0 when warming up, as HF)."""
     lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
     if optim_cfg.schedule not in SCHEDULES:
-        raise ValueError(
-            f"unknown lr schedule {optim_cfg.schedule!r}; valid: {', '.join(SCHEDULES)}"
+        raise ConfigError(
+            f"optim.schedule={optim_cfg.schedule!r}; valid: {', '.join(SCHEDULES)}"
         )
     if warmup < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {warmup}")
     if optim_cfg.schedule == "constant_with_warmup":
         decay = optax.constant_schedule(lr)
     else:
         decay_steps = optim_cfg.total_steps - warmup
         if decay_steps <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule {optim_cfg.schedule!r} needs total_steps > warmup_steps, got "
                 f"total_steps={optim_cfg.total_steps}, warmup_steps={warmup}"
             )
@@ -109,7 +110,7 @@ def make_optimizer(
 
     clip = optim_cfg.clip_norm
     if clip < 0:
-        raise ValueError(f"clip_norm must be >= 0 (0 disables clipping), got {clip}")
+        raise ConfigError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {clip}")
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.partition(

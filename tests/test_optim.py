@@ -159,7 +159,7 @@ def test_updates_match_torch_adamw_with_clipping_and_decay_groups():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"schedule": "step"}, "unknown lr schedule 'step'; valid: constant_with_warmup, cosine"),
+        ({"schedule": "step"}, "optim.schedule='step'; valid: constant_with_warmup, cosine"),
         ({"schedule": "cosine", "total_steps": 20}, "needs total_steps > warmup_steps"),
         ({"warmup_steps": -1}, "warmup_steps must be >= 0, got -1"),
         ({"clip_norm": -1.0}, "clip_norm must be >= 0"),

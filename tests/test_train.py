@@ -182,3 +182,19 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
     assert summary["start_step"] == 2
     assert "unreadable" in capsys.readouterr().out
+
+
+def test_truncated_latest_meta_is_reported_and_the_previous_one_checked(tmp_path, capsys):
+    train.train(_config("--config.max_steps=4", "--config.checkpoint.every=2"), tmp_path)
+    meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
+    meta.write_bytes(meta.read_bytes()[:10])
+    summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
+    assert summary["end_step"] == 5
+    assert "metadata of checkpoint" in capsys.readouterr().out
+
+
+def test_bad_config_values_are_one_line_errors(tmp_path):
+    for override, message in (("--config.lora.mode=lroa", "lora.mode='lroa'; valid: lora"),
+                              ("--config.optim.schedule=step", "optim.schedule='step'")):
+        with pytest.raises(ConfigError, match=message):
+            train.train(_config(override), tmp_path)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.config import ConfigError, LlamaConfig
 
 LORA_COLLECTION = "lora"
 
@@ -169,7 +169,7 @@ def trainable_labels(variables: Mapping[str, Any], mode: str) -> dict[str, Any]:
     and `ValueError` for an unknown mode.
     """
     if mode not in TRAIN_MODES:
-        raise ValueError(f"unknown trainable mode {mode!r}; valid: {', '.join(TRAIN_MODES)}")
+        raise ConfigError(f"lora.mode={mode!r}; valid: {', '.join(TRAIN_MODES)}")
     if mode != "full" and not variables.get(LORA_COLLECTION):
         raise LoraError(
             f"trainable mode {mode!r} needs LoRA factors but the variables have no "
