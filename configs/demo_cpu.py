@@ -12,7 +12,7 @@ training is far worse than without PI (ppl 155 vs 31), and 20 steps win much of 
     python -m longlora_jax.train --config configs/demo_cpu.py --workdir runs/demo
 """
 
-from longlora_jax.train_config import default_config
+from longlora_jax.training.config import default_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ micro-batch 1; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8},
 micro-batch 8. Global batch 64 either way (gradient accumulation).
 """
 
-from longlora_jax.recipes import Layout, longlora
+from longlora_jax.training.recipes import Layout, longlora
 
 
 def get_config(variant: str = "tpu"):

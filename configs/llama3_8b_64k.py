@@ -11,7 +11,7 @@ micro-batch 2. Global batch 64 either way (gradient accumulation).
 The tokenizer is the base's own (tokenizer "auto"), so training needs the hf: base.
 """
 
-from longlora_jax.recipes import Layout, longlora
+from longlora_jax.training.recipes import Layout, longlora
 
 
 def get_config(variant: str = "tpu"):

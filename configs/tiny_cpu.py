@@ -3,7 +3,7 @@
     python -m longlora_jax.train --config configs/tiny_cpu.py --workdir runs/tiny
 """
 
-from longlora_jax.train_config import default_config
+from longlora_jax.training.config import default_config
 
 
 def get_config():

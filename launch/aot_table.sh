@@ -22,7 +22,6 @@ RUNS=(
   llama2_7b_32k:v4-8 llama2_7b_100k:v4-8 llama2_70b_32k:v4-16 llama2_7b_8k:v4-8
   llama2_7b_16k:v4-8 llama2_13b_65k:v4-8 llama3_8b_64k:v4-8 longalpaca_sft_16k:v4-8
 )
-REPORTS=()
 for run in "${RUNS[@]}"; do
   name="${run%%:*}" topology="${run##*:}"
   CMD=(python -m longlora_jax.aot --config "configs/$name.py" --topology "$topology"
@@ -33,8 +32,7 @@ for run in "${RUNS[@]}"; do
   if [ "$DRY_RUN" = 0 ]; then
     "${CMD[@]}" || echo "($name: exit status $?)"
   fi
-  REPORTS+=("$OUT/$name.json")
 done
 if [ "$DRY_RUN" = 0 ]; then
-  python -m longlora_jax.aot --table "${REPORTS[@]}"
+  python -m longlora_jax.aot --table "$OUT"
 fi

@@ -5,6 +5,9 @@ import subprocess
 import sys
 import textwrap
 
+from longlora_jax import train
+from longlora_jax.cli import parse
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,3 +29,8 @@ def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+def train_config(config_file: str, *overrides: str):
+    """The training config the train command builds from `config_file` and `overrides`."""
+    return parse(train.COMMAND, ["--config", config_file, *overrides])

@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from longlora_jax import aot, cli, recipes, train
+from longlora_jax import aot
+from longlora_jax.cli import run_command
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling.attention import causal_attention
-from longlora_jax.modeling.config import ConfigError
-from longlora_jax.sharding import resolve_mesh_shape
-from longlora_jax.train_config import batch_sizes, model_config
-from tests.helpers import REPO_ROOT, run_python
+from longlora_jax.parallel.mesh import resolve_mesh_shape
+from longlora_jax.parallel.topology import parse_topology
+from longlora_jax.training import fit, recipes
+from longlora_jax.training.config import batch_sizes, model_config
+from longlora_jax.training.loop import train
+from tests.helpers import REPO_ROOT, run_python, train_config
 
 GIB = 1024**3
 TINY = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
@@ -62,25 +66,25 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     ("v5p-32", (2, 2, 4), 16, "v5:2x2x4"),
 ])
 def test_parse_topology(name, grid, chips, libtpu):
-    tpu = aot.parse_topology(name)
+    tpu = parse_topology(name)
     assert (tpu.grid, tpu.chips, tpu.topology_name) == (grid, chips, libtpu)
     assert tpu.accelerator_type == f"{tpu.generation}-{2 * chips}"
 
 
 @pytest.mark.parametrize("name", ["v9-8", "v4-6", "v4-12", "tpu", "v4:2x2", "v4:0x2x2", ""])
 def test_unknown_topology(name):
-    with pytest.raises(aot.TopologyError, match=r"unknown TPU topology .*; valid: .*v4-8"):
-        aot.parse_topology(name)
+    with pytest.raises(ConfigError, match=r"unknown TPU topology .*; valid: .*v4-8"):
+        parse_topology(name)
 
 
 def test_tpu_attention_is_splash():
-    config = cli.parse(["--config", TINY], description="t").config
+    config = train_config(TINY)
     assert config.attention.impl == "auto"
-    assert aot.for_tpu(config).attention.impl == "splash"
+    assert fit.for_tpu(config).attention.impl == "splash"
     config = ml_collections.ConfigDict(config.to_dict())
     config.attention.impl = "cudnn"
     with pytest.raises(ConfigError, match="GPU-only"):
-        aot.for_tpu(config)
+        fit.for_tpu(config)
 
 
 def test_attention_detector_sees_the_xla_reference():
@@ -92,17 +96,16 @@ def test_attention_detector_sees_the_xla_reference():
 
     q = jnp.ones((1, 256, 4, 16), jnp.float32)
     text = jax.jit(attention).lower(q, q, q).compile().as_text()
-    assert aot.attention_kernels(text) == {"splash": 0, "xla_softmax": 1}
+    assert fit.attention_kernels(text) == {"splash": 0, "xla_softmax": 1}
 
 
 def test_model_flops_s2_vs_full():
     """Full causal attention sees ~N/2 keys per query, S2 ~G/2 = N/8."""
-    config = cli.parse(["--config", os.path.join(REPO_ROOT, "configs", "llama2_7b_32k.py")],
-                       description="t").config
+    config = train_config(os.path.join(REPO_ROOT, "configs", "llama2_7b_32k.py"))
     cfg, _ = model_config(config)
     tokens, n, g = 64 * 32768, 32768, 8192
-    s2 = aot.model_flops(cfg, tokens=tokens, seq_len=n, mode="lora_plus")
-    full = aot.model_flops(cfg.replace(attention_train="full"), tokens=tokens, seq_len=n,
+    s2 = fit.model_flops(cfg, tokens=tokens, seq_len=n, mode="lora_plus")
+    full = fit.model_flops(cfg.replace(attention_train="full"), tokens=tokens, seq_len=n,
                            mode="lora_plus")
     # forward 4 Hq D per key, x (1 + 2.5 backward + 1 remat)
     per_key = 4 * cfg.num_attention_heads * cfg.head_dim * tokens * cfg.num_hidden_layers * 4.5
@@ -113,20 +116,20 @@ def test_model_flops_s2_vs_full():
 def test_model_flops_match_xla_cost_analysis(attention):
     """Where XLA sees every FLOP (layers unrolled, no accumulation loop, XLA attention), its
     cost analysis and the counted model FLOPs agree."""
-    config = cli.parse(["--config", TINY, "--config.model.scan=False", "--config.model.remat=none",
+    config = train_config(TINY, "--config.model.scan=False", "--config.model.remat=none",
                         "--config.attention.impl=xla", f"--config.attention.train={attention}",
                         "--config.seq_len=512", "--config.batch.global_batch=2",
-                        "--config.mesh.data=1"], description="t").config
+                        "--config.mesh.data=1")
     config.unlock()
     config.model.overrides = {"hidden_size": 256, "intermediate_size": 512,
                               "num_attention_heads": 4, "num_key_value_heads": 2,
                               "vocab_size": 512, "max_position_embeddings": 512}
-    from longlora_jax import sharding
-    from longlora_jax.train_config import build_setup
+    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.training.config import build_setup
 
     setup, _, batch = build_setup(config, sharding.make_mesh({"data": 1}))
     xla = setup.lower(batch, 512).compile().cost_analysis()["flops"]
-    counted = aot.model_flops(setup.model.cfg, tokens=batch * 512, seq_len=512,
+    counted = fit.model_flops(setup.model.cfg, tokens=batch * 512, seq_len=512,
                               mode="lora_plus")
     # XLA's blocked kernel computes whole diagonal blocks (more than the causal half)
     assert counted == pytest.approx(xla, rel=0.15)
@@ -160,14 +163,15 @@ def test_compile_tiny_for_v4_8_uses_splash(tmp_path):
 
 
 def test_cli_unknown_topology(capsys):
-    assert aot.run(["--config", TINY, "--topology", "v9-8"]) == 2
+    assert run_command(aot.COMMAND, ["--config", TINY, "--topology", "v9-8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("error: unknown TPU topology 'v9-8'; valid:")
 
 
 def test_cli_mesh_does_not_match_slice(capsys):
-    assert aot.run(["--config", TINY, "--topology", "v4-8", "--config.mesh.data=8"]) == 2
+    argv = ["--config", TINY, "--topology", "v4-8", "--config.mesh.data=8"]
+    assert run_command(aot.COMMAND, argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("error: config mesh ") and "does not match v4-8 (4 chips)" in err
@@ -192,11 +196,11 @@ def test_cli_does_not_fit(tmp_path):
 def test_out_of_memory_messages():
     temp = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
             "temporaries (259.17G) exceeds available HBM (30.75G).")
-    assert aot._oom_bytes(temp) == {"temp": int(259.17 * GIB)}
+    assert fit._oom_bytes(temp) == {"temp": int(259.17 * GIB)}
     used = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
             "space hbm. Used 45.60G of 30.75G hbm. Exceeded hbm capacity by 14.85G.")
-    assert aot._oom_bytes(used) == {"used": int(45.6 * GIB)}
-    assert aot._oom_bytes("INTERNAL: something else") is None
+    assert fit._oom_bytes(used) == {"used": int(45.6 * GIB)}
+    assert fit._oom_bytes("INTERNAL: something else") is None
 
 
 def test_table_from_reports(tmp_path):
@@ -207,11 +211,11 @@ def test_table_from_reports(tmp_path):
     full = {**base, "per_chip_bytes": 40 * GIB, "fits": False, "est_step_seconds": 150.0}
     path = tmp_path / "r.json"
     path.write_text(json.dumps({**base, "full_attention": full}))
-    table = aot.markdown_table([json.loads(path.read_text())])
+    table = fit.markdown_table([json.loads(path.read_text())])
     row = table.splitlines()[2]
     assert "| v4-8 (4) | 1/1/4/1 | 32768 | 64 (1) | 6.7B |" in row
     assert "12.0 GiB, fits, ≥93.6 s" in row and "40.0 GiB, **does not fit**, ≥150.0 s" in row
-    failed = aot.markdown_table([{**base, "full_attention": {"error": "NotImplementedError: x"}}])
+    failed = fit.markdown_table([{**base, "full_attention": {"error": "NotImplementedError: x"}}])
     assert "compile failed (NotImplementedError: x)" in failed
 
 
@@ -223,12 +227,12 @@ def test_table_from_reports(tmp_path):
 def test_paper_config(name, variant):
     topology, seq_len = PAPER[name]
     path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
-    config = cli.parse(["--config", f"{path}:{variant}"], description="t").config
+    config = train_config(f"{path}:{variant}")
     assert config.seq_len == seq_len
     assert (config.optim.lr, config.lora.rank, config.lora.mode) == (2e-5, 8, "lora_plus")
     assert (config.attention.train, config.attention.group_size_ratio) == ("s2", 0.25)
     assert config.batch.global_batch == 64 and config.model.frozen_dtype == "bfloat16"
-    devices = aot.parse_topology(topology).chips if variant == "tpu" else 8
+    devices = parse_topology(topology).chips if variant == "tpu" else 8
     shape = resolve_mesh_shape(dict(config.mesh), devices)
     assert math.prod(shape.values()) == devices
     model_config(config)  # S2 groups fit the sequence shards
@@ -252,15 +256,16 @@ def test_sequence_tensor_layout_trains_like_one_device(tmp_path):
             "--config.data.prefetch=0"]
     code = f"""
     import json, pathlib, tempfile
-    from longlora_jax import cli, train
+    from longlora_jax.training.loop import train
+    from tests.helpers import train_config
     workdir = pathlib.Path(tempfile.mkdtemp())
     mesh = ["--config.mesh.data=1", "--config.mesh.sequence=4", "--config.mesh.tensor=2"]
-    train.train(cli.parse({args!r} + mesh, description="t").config, workdir)
+    train(train_config(*{args[1:]!r}, *mesh), workdir)
     print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
                       .splitlines()]))
     """
     eight = json.loads(run_python(code, devices=8).splitlines()[-1])
-    train.train(cli.parse([*args, "--config.mesh.data=1"], description="t").config, tmp_path)
+    train(train_config(*args[1:], "--config.mesh.data=1"), tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     one = [json.loads(line)["loss"] for line in lines]
     assert len(one) == len(eight) == 2
@@ -285,8 +290,9 @@ def test_mesh_over_irregular_tpu_devices_warns_and_uses_id_order():
     still built (in id order) and a warning says so."""
     out = run_python("""
     import warnings
-    from longlora_jax import aot, sharding
-    devices = aot.topology_devices(aot.parse_topology("v4-16"))
+    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.parallel.topology import parse_topology, topology_devices
+    devices = topology_devices(parse_topology("v4-16"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mesh = sharding.make_mesh({"data": 3}, devices=devices[1:4])

@@ -12,8 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
-from longlora_jax import assets
+from longlora_jax.data import assets
 from longlora_jax.data.rdata import RDataError, read_lazyload_db, unserialize
+from longlora_jax.errors import AssetError
 from tests.helpers import REPO_ROOT
 
 # --- a tiny R XDR serializer written from R's serialize.c, to feed the reader ---------------
@@ -220,7 +221,7 @@ def test_missing_apt_index_is_explained(tmp_path, monkeypatch):
     (tmp_path / "apt.conf").write_text(f'Dir::State::Lists "{lists}";\n')
     monkeypatch.setenv("APT_CONFIG", str(tmp_path / "apt.conf"))
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(assets.AssetError, match="run `apt-get update` first") as err:
+    with pytest.raises(AssetError, match="run `apt-get update` first") as err:
         assets.books()
     assert "\n" not in str(err.value)
     assert not (tmp_path / "cache" / "books").exists()

@@ -7,15 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention, kernels
-from longlora_jax.modeling.attention import AttentionError, causal_attention, s2_attention
+from longlora_jax.modeling.attention import causal_attention, s2_attention
 
 
 def s2_groups(n: int, group: int, shifted: bool, wrap: bool) -> list[list[int]]:
     """Token positions of each attention group, in attention (causal) order.
 
-    Straight from DESIGN.md: pad N to a multiple of G; shifted heads see the sequence rolled
-    left by G/2; wrap=False splits the rolled last group in two; padding is dropped.
+    Straight from the rules in docs/s2_attention.md: pad N to a multiple of G; shifted heads
+    see the sequence rolled left by G/2; wrap=False splits the rolled last group in two;
+    padding is dropped.
     """
     padded = math.ceil(n / group) * group
     order = [(i + group // 2) % padded for i in range(padded)] if shifted else list(range(padded))
@@ -188,14 +190,14 @@ def test_s2_bf16_inputs_keep_dtype_and_stay_close():
 def test_bad_input_one_line_errors(kwargs, shapes, message):
     q_shape, kv_shape = shapes or ((1, 32, 4, 8), (1, 32, 2, 8))
     q, kv = jnp.zeros(q_shape), jnp.zeros(kv_shape)
-    with pytest.raises(AttentionError, match=message) as info:
+    with pytest.raises(ConfigError, match=message) as info:
         s2_attention(q, kv, kv, **kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_segment_ids_shape_error():
     q = jnp.zeros((2, 16, 2, 8))
-    with pytest.raises(AttentionError, match=r"segment_ids shape \(16,\) must be \[B, N\]"):
+    with pytest.raises(ConfigError, match=r"segment_ids shape \(16,\) must be \[B, N\]"):
         s2_attention(q, q, q, group_size=8, segment_ids=jnp.zeros(16, jnp.int32))
 
 

@@ -11,7 +11,8 @@ _STANDALONE = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax import sharding
+from longlora_jax.parallel import mesh as sharding, rules
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention
 
 mesh = sharding.make_mesh({"data": 2, "sequence": 4})
@@ -29,7 +30,7 @@ for wrap in (False, True):
     fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
     want = fn(q, k, v, seg)
     args = [jax.device_put(x, spec) for x in (q, k, v, seg)]
-    with sharding.activate(mesh):
+    with rules.activate(mesh):
         compiled = fn.lower(*args).compile()
         got = compiled(*args)
     text = compiled.as_text()
@@ -44,14 +45,14 @@ for wrap in (False, True):
 dp_mesh = sharding.make_mesh({"data": 4, "tensor": 2})
 qp, kp, vp = (jnp.asarray(rng.standard_normal((4, 120, h, d)), jnp.float32) for h in (hq, hkv, hkv))
 fwd = jax.jit(lambda q, k, v: attention.s2_attention(q, k, v, group_size=g, wrap=True))
-with sharding.activate(dp_mesh):
+with rules.activate(dp_mesh):
     dp_spec = NamedSharding(dp_mesh, P(("data", "fsdp"), None, "tensor"))
     got = fwd(*(jax.device_put(x, dp_spec) for x in (qp, kp, vp)))
 results["data_tensor_err"] = float(jnp.abs(got - fwd(qp, kp, vp)).max())
 try:
-    with sharding.activate(mesh):
+    with rules.activate(mesh):
         jax.jit(lambda q, k, v: attention.s2_attention(q, k, v, group_size=48))(*args[:3])
-except attention.AttentionError as e:
+except ConfigError as e:
     results["error"] = str(e)
 print(json.dumps(results))
 """
@@ -60,7 +61,7 @@ _MODEL = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax import sharding
+from longlora_jax.parallel import mesh as sharding, rules
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
 
@@ -73,9 +74,9 @@ params = jax.tree.map(lambda x: x.unbox(), boxed, is_leaf=lambda x: hasattr(x, "
 fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, train=True))
 want = fn(params, ids)
 mesh = sharding.make_mesh({"data": 2, "sequence": 4})
-p = jax.device_put(params, sharding.tree_shardings(mesh, {"params": boxed})["params"])
+p = jax.device_put(params, rules.tree_shardings(mesh, {"params": boxed})["params"])
 ids_s = jax.device_put(ids, NamedSharding(mesh, P(("data", "fsdp"), "sequence")))
-with sharding.activate(mesh):
+with rules.activate(mesh):
     compiled = fn.lower(p, ids_s).compile()
     got = compiled(p, ids_s)
 attn_ops = {}

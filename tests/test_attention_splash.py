@@ -53,7 +53,7 @@ import json
 import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax import sharding
+from longlora_jax.parallel import mesh as sharding, rules
 from longlora_jax.modeling import attention
 
 topo = topologies.get_topology_desc("v4:2x2x1", "tpu")
@@ -71,7 +71,7 @@ for name, shape, n, (hq, hkv) in cases:
         out = attention.s2_attention(q, k, v, group_size=n // 8, impl="auto")
         return out.astype(jnp.float32).sum()
 
-    with sharding.activate(mesh):
+    with rules.activate(mesh):
         compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile()
     text = compiled.as_text()
     results[name] = {"kernels": text.count('custom_call_target="tpu_custom_call"'),
@@ -93,7 +93,7 @@ _HEAD_SHARDED = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax import sharding
+from longlora_jax.parallel import mesh as sharding, rules
 from longlora_jax.modeling import attention
 
 mesh = sharding.make_mesh({"data": 2, "tensor": 4})
@@ -110,7 +110,7 @@ for name, attn in (
     fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * w), (0, 1, 2)))
     want = fn(q, k, v)
     args = [jax.device_put(x, spec) for x in (q, k, v)]
-    with sharding.activate(mesh):
+    with rules.activate(mesh):
         compiled = fn.lower(*args).compile()
         got = compiled(*args)
     results[name] = {"err": max(float(jnp.abs(a - b).max()) for a, b in zip(got, want)),

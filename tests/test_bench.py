@@ -2,13 +2,16 @@
 
 import json
 
-from longlora_jax import bench
+from longlora_jax.bench import SUBCOMMANDS
+from longlora_jax.benchmarks import attention, train_step
+from longlora_jax.cli import parse
 
 
 def test_attention_bench_reports_s2_full_and_torch(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["attention", "--lengths", "512", "--heads", "4x16/2", "--repeats", "1",
-                "--warmup", "0", "--json", str(out)])
+    attention.run(parse(SUBCOMMANDS["attention"], [
+        "--lengths", "512", "--heads", "4x16/2", "--repeats", "1", "--warmup", "0",
+        "--json", str(out)]))
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["N"], row["heads"], row["G"]) == (512, "4x16/2", 128)
     for name in ("s2", "full", "torch"):
@@ -22,8 +25,9 @@ def test_attention_bench_reports_s2_full_and_torch(tmp_path, capsys):
 
 def test_train_bench_runs_both_steps_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["train", "--lengths", "256", "--layers", "1", "--loss-chunk", "128",
-                "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    train_step.run(parse(SUBCOMMANDS["train"], [
+        "--lengths", "256", "--layers", "1", "--loss-chunk", "128", "--repeats", "1",
+        "--warmup", "0", "--json", str(out)]))
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["N"], row["layers"]) == (256, 1)
     for name in ("longlora_jax", "hf_peft"):

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from longlora_jax import assets
 from longlora_jax.data import (
     ByteTokenizer,
-    DataError,
+    assets,
     default_data_config,
     eval_documents,
     perplexity_windows,
@@ -14,7 +13,7 @@ from longlora_jax.data import (
     window_starts,
     write_token_file,
 )
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 
 
 def _official_batches(data, seq_length, batch_size, sliding_window=256):

@@ -6,16 +6,15 @@ import time
 import numpy as np
 import pytest
 
-from longlora_jax import assets
 from longlora_jax.data import (
     ByteTokenizer,
-    DataError,
+    assets,
     default_data_config,
     make_train_iterator,
     sources,
 )
 from longlora_jax.data.local_tfds import local_text_source
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 from tests.helpers import run_python
 
 TOK = ByteTokenizer()

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from longlora_jax.data import ByteTokenizer, DataError, default_data_config, make_train_iterator
+from longlora_jax.data import ByteTokenizer, default_data_config, make_train_iterator
 from longlora_jax.data.sft import format_prompt, load_sft_json
+from longlora_jax.errors import DataError
 
 # The official supervised-fine-tune.py prompts, written out for two concrete examples.
 SYSTEM = (

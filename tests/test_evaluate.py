@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from longlora_jax import evaluate
+from longlora_jax.cli import run_command
 from longlora_jax.data.eval_data import TokenDocument
+from longlora_jax.errors import DataError
+from longlora_jax.evaluation import perplexity as ppl_eval
+from longlora_jax.evaluation.perplexity import documents_for
 from longlora_jax.io.hf import load_pretrained
 from longlora_jax.modeling.llama import LlamaForCausalLM
-from longlora_jax.sharding import make_mesh
+from longlora_jax.parallel.mesh import make_mesh
 from tests.helpers import run_python
 from tests.test_model_vs_hf import random_hf_model
 
@@ -63,9 +67,9 @@ def test_perplexity_equals_transformers(tiny_checkpoint, protocol, prefill_chunk
     model, path, docs = tiny_checkpoint
     cfg, params = load_pretrained(path, config_overrides={"scan_layers": True})
     mesh = make_mesh({"data": 1})
-    eval_fn = evaluate.make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=16,
+    eval_fn = ppl_eval.make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=16,
                                     prefill_chunk=prefill_chunk)
-    ours = evaluate.perplexity(eval_fn, {"params": params}, docs, seq_len=SEQ_LEN,
+    ours = ppl_eval.perplexity(eval_fn, {"params": params}, docs, seq_len=SEQ_LEN,
                                protocol=protocol, stride=STRIDE, batch_size=3)
     nll, count = map(sum, zip(*(hf_window_nll(model, d.tokens, protocol) for d in docs),
                               strict=True))
@@ -84,20 +88,20 @@ def test_sequence_sharded_perplexity_equals_unsharded(tiny_checkpoint):
     out = run_python(textwrap.dedent(f"""
         import jax, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
-        from longlora_jax import evaluate
+        from longlora_jax.evaluation import perplexity as ppl_eval
         from longlora_jax.io.hf import load_pretrained
-        from longlora_jax.loading import place_variables
+        from longlora_jax.io.base import shard_variables as place_variables
         from longlora_jax.modeling.llama import LlamaForCausalLM
-        from longlora_jax.sharding import make_mesh
+        from longlora_jax.parallel.mesh import make_mesh
         cfg, params = load_pretrained({str(path)!r}, config_overrides={{"scan_layers": True}})
         model = LlamaForCausalLM(cfg)
         ids = np.random.default_rng(0).integers(0, 256, (2, 65)).astype(np.int32)
         args = ({{"params": params}}, ids[:, :-1], ids[:, 1:], np.ones((2, 64), np.float32))
-        ref = evaluate.make_eval_fn(model, make_mesh({{"data": 1}}, jax.devices()[:1]))(*args)
+        ref = ppl_eval.make_eval_fn(model, make_mesh({{"data": 1}}, jax.devices()[:1]))(*args)
         for shape in ({{"data": 1, "sequence": 8}}, {{"data": 2, "sequence": 4}}):
             mesh = make_mesh(shape)
             placed = place_variables(cfg, args[0], mesh)
-            nll, count = evaluate.make_eval_fn(model, mesh, loss_chunk=4)(placed, *args[1:])
+            nll, count = ppl_eval.make_eval_fn(model, mesh, loss_chunk=4)(placed, *args[1:])
             print(shape["sequence"], float(nll), float(ref[0]), float(count), float(ref[1]))
     """), devices=8)
     rows = [line.split() for line in out.strip().splitlines()]
@@ -114,7 +118,7 @@ TINY = ["--model", "preset:tiny", "--data", "offline_essays", "--max-windows", "
 
 def run_cli(capsys, *argv):
     """(exit code, stdout, last stderr line: the error; TFDS progress bars may precede it)."""
-    code = evaluate.main(list(argv))
+    code = run_command(evaluate.COMMAND, list(argv))
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1] if captured.err.strip() else ""
     return code, captured.out, last
@@ -122,21 +126,21 @@ def run_cli(capsys, *argv):
 
 def test_cli_writes_tables_and_plots(capsys, tmp_path):
     out = tmp_path / "eval"
-    # "1" and "linear:2" repeat "own" and "2": each RoPE variant is evaluated once.
+    # "default" and the second "linear:2" repeat "base" and "linear:2": each variant runs once.
     code, stdout, err = run_cli(capsys, *TINY, "--lengths", "384,512",
-                                "--rope-factor", "own,2,1,linear:2", "--passkey", "1",
+                                "--rope", "base,linear:2,default,linear:2", "--passkey", "1",
                                 "--out", str(out), "--prefill-chunk", "128")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
-    assert names == ["preset:tiny", "preset:tiny (rope linear x2)"]
+    assert names == ["preset:tiny", "preset:tiny (rope linear:2)"]
     first = results["models"][0]
     assert first["context_window"] == 1024 and results["models"][1]["context_window"] == 2048
     assert set(first["perplexity"]) == set(first["passkey"]) == {"384", "512"}
     assert all(p["windows"] == 1 and np.isfinite(p["ppl"]) for p in first["perplexity"].values())
     assert all(p["trials"] == 1 and p["prompt_tokens"] <= 384 for p in [first["passkey"]["384"]])
     table = (out / "results.md").read_text()
-    assert "| preset:tiny | none | 1024 |" in table and "| linear x2 | 2048 |" in table
+    assert "| preset:tiny | default | 1024 |" in table and "| linear:2 | 2048 |" in table
     assert "beyond the model's context window" not in table  # every length fits
     for png in ("ppl_vs_length.png", "passkey_vs_length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,10 +149,12 @@ def test_cli_writes_tables_and_plots(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--lengths", "2048"], "exceed the context window 1024"),
-    (["--lengths", "128", "--rope-factor", "0.5"], "rope variant '0.5'"),
-    (["--lengths", "12a"], "--lengths '12a'"),
-    (["--lengths", "128", "--protocol", "sliding"], "--protocol 'sliding'"),
-    (["--lengths", "64", "--passkey", "1", "--skip-perplexity"], "shorter than the prompt"),
+    (["--lengths", "128", "--rope", "linear:0.5"], "rope 'linear:0.5'"),
+    (["--lengths", "128", "--rope", "none"], "rope 'none'; valid: base | default"),
+    (["--lengths", "12a"], "config key lengths: '12a' is not an integer"),
+    (["--lengths", "128", "--protocol", "sliding"], "protocol='sliding'"),
+    (["--lengths", "64", "--passkey", "1", "--perplexity=false"], "shorter than the prompt"),
+    (["--lengths", "64", "--max-windws", "2"], "unknown option --max-windws"),
 ])
 def test_cli_bad_input_is_one_line(capsys, argv, expected):
     code, _, err = run_cli(capsys, *TINY, *argv)
@@ -167,33 +173,33 @@ def test_cli_empty_or_short_documents(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run_cli(capsys, "--model", "preset:tiny", "--data", "text_files",
-                           "--data-paths", str(empty), "--lengths", "64")
+                           f"--config.data.paths={empty}", "--lengths", "64")
     assert code == 2 and err.startswith("error:") and "matches no file" in err
     (tmp_path / "short.txt").write_text("far too short")
     code, _, err = run_cli(capsys, "--model", "preset:tiny", "--data", "text_files",
-                           "--data-paths", str(tmp_path / "short.txt"), "--lengths", "64")
+                           f"--config.data.paths={tmp_path / 'short.txt'}", "--lengths", "64")
     assert code == 2 and err.startswith("error:") and "no document is long enough" in err
-    with pytest.raises(evaluate.DataError, match="empty"):
-        evaluate.documents_for([], 64, "nonoverlap", 256)
+    with pytest.raises(DataError, match="empty"):
+        documents_for([], 64, "nonoverlap", 256)
 
 
 def test_workdir_model_applies_the_trained_adapters(capsys, tmp_path):
     """`--model WORKDIR` evaluates base + trained LoRA factors: the same perplexity as the
     merged weights, and not the base's."""
-    from longlora_jax import cli, train
     from longlora_jax.data.eval_data import eval_documents
-    from longlora_jax.loading import load_model
+    from longlora_jax.io.run import load_model
     from longlora_jax.modeling.lora import merge_lora
-    from tests.helpers import REPO_ROOT
+    from longlora_jax.training.loop import train
+    from tests.helpers import REPO_ROOT, train_config
 
     workdir = tmp_path / "run"
-    config = cli.parse([
-        "--config", f"{REPO_ROOT}/configs/tiny_cpu.py", "--config.seq_len=128",
+    config = train_config(
+        f"{REPO_ROOT}/configs/tiny_cpu.py", "--config.seq_len=128",
         "--config.batch.global_batch=2", "--config.eval.before=False",
         "--config.eval.after=False", "--config.checkpoint.async_save=False",
         "--config.data.prefetch=0", "--config.max_steps=2", "--config.optim.lr=1e-2",
-    ], description="test").config
-    train.train(config, workdir)
+    )
+    train(config, workdir)
     out = tmp_path / "eval"
     code, _, err = run_cli(capsys, "--model", str(workdir), "--data", "offline_essays",
                            "--lengths", "128", "--max-windows", "2", "--out", str(out))
@@ -206,8 +212,8 @@ def test_workdir_model_applies_the_trained_adapters(capsys, tmp_path):
     mesh = make_mesh({"data": 1})
 
     def ppl(cfg, variables):
-        fn = evaluate.make_eval_fn(LlamaForCausalLM(cfg), mesh)
-        return evaluate.perplexity(fn, variables, docs, seq_len=128, max_windows=2)["ppl"]
+        fn = ppl_eval.make_eval_fn(LlamaForCausalLM(cfg), mesh)
+        return ppl_eval.perplexity(fn, variables, docs, seq_len=128, max_windows=2)["ppl"]
 
     merged_cfg, merged = merge_lora(loaded.cfg, loaded.variables)
     with_merged = ppl(merged_cfg, {"params": merged})

@@ -14,11 +14,15 @@ import numpy as np
 import optax
 import pytest
 
-from longlora_jax import LlamaConfig, LlamaForCausalLM, checkpointing, export
+from longlora_jax import LlamaConfig, LlamaForCausalLM
+from longlora_jax import export as export_command
+from longlora_jax.cli import run_command
+from longlora_jax.errors import ConfigError
+from longlora_jax.io import export
 from longlora_jax.io.hf import save_pretrained
+from longlora_jax.io.run import Run, load_run
 from longlora_jax.modeling import lora
-from longlora_jax.optim import default_optim_config, make_optimizer
-from longlora_jax.pretrained import BaseSpec
+from longlora_jax.training.optim import default_optim_config, make_optimizer
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -175,9 +179,9 @@ def test_lora_only_adapter_has_no_modules_to_save(hf_base_run, tmp_path):
 def test_peft_export_of_run_without_lora_is_an_error(tmp_path):
     cfg = LlamaConfig(**BASE)
     variables = {"params": {}}
-    with pytest.raises(export.ExportError, match=r"no LoRA adapters.*use --format merged"):
+    with pytest.raises(ConfigError, match=r"no LoRA adapters.*use --format merged"):
         export.export_peft(cfg, variables, tmp_path / "o")
-    with pytest.raises(export.ExportError, match="mode 'full' cannot be a PEFT adapter"):
+    with pytest.raises(ConfigError, match="mode 'full' cannot be a PEFT adapter"):
         export.export_peft(cfg.replace(lora_rank=4), {"params": {}, "lora": {"x": 1}},
                            tmp_path / "o", mode="full")
     assert not (tmp_path / "o").exists()
@@ -188,7 +192,7 @@ def test_refuses_to_overwrite_and_replaces_atomically(run, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(export.ExportError, match=r"exists and is not empty.*overwrite=True"):
+    with pytest.raises(ConfigError, match=r"exists and is not empty; set overwrite"):
         export.export_merged(cfg, trained, out)
     assert (out / "keep.txt").exists()
     export.export_merged(cfg, trained, out, overwrite=True)
@@ -198,11 +202,14 @@ def test_refuses_to_overwrite_and_replaces_atomically(run, tmp_path):
 
 def test_cli(run, tmp_path, monkeypatch, capsys):
     cfg, _, _, trained, base_dir = run
-    base = BaseSpec("hf", str(base_dir)) if base_dir else BaseSpec("preset", "tiny")
-    monkeypatch.setattr(checkpointing, "restore_for_export",
-                        lambda workdir, step=None: (cfg, trained, base))
+    meta = {"base": f"hf:{base_dir}" if base_dir else "preset:tiny", "mode": "lora_plus",
+            "tokenizer": "bytes", "seed": 0}
+    monkeypatch.setattr(export, "load_run",
+                        lambda workdir, step=None: Run(cfg, trained, meta, 1))
+
     def cli(out, fmt):
-        return export.main(["--workdir", str(tmp_path / "W"), "--out", str(out), "--format", fmt])
+        return run_command(export_command.COMMAND, ["--workdir", str(tmp_path / "W"), "--out",
+                                                    str(out), "--format", fmt])
 
     out = tmp_path / "out"
     assert cli(out, "peft") == 0
@@ -210,8 +217,8 @@ def test_cli(run, tmp_path, monkeypatch, capsys):
     assert cli(out, "merged") == 2
     assert "exists and is not empty" in capsys.readouterr().err
     no_lora = {"params": trained["params"]}
-    monkeypatch.setattr(checkpointing, "restore_for_export",
-                        lambda workdir, step=None: (cfg.replace(lora_rank=0), no_lora, base))
+    monkeypatch.setattr(export, "load_run", lambda workdir, step=None: Run(
+        cfg.replace(lora_rank=0), no_lora, {**meta, "mode": "full"}, 1))
     assert cli(tmp_path / "o2", "peft") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the run has no LoRA adapters") and "\n" not in err
@@ -236,23 +243,21 @@ def test_tokenizer_is_saved_with_both_exports(tied_run, tmp_path):
 @pytest.mark.slow
 def test_cli_on_a_real_training_workdir(tmp_path):
     """Train configs/tiny_cpu.py for 2 steps, export both formats with the CLI, load them."""
-    from longlora_jax import cli
-    from longlora_jax import train as train_cli
-    from tests.helpers import REPO_ROOT
+    from longlora_jax.training.loop import train
+    from tests.helpers import REPO_ROOT, train_config
 
     workdir = tmp_path / "run"
-    config = cli.parse(
-        ["--config", f"{REPO_ROOT}/configs/tiny_cpu.py", "--config.seq_len=128",
-         "--config.batch.global_batch=2", "--config.eval.before=False",
-         "--config.eval.after=False", "--config.checkpoint.async_save=False",
-         "--config.data.prefetch=0", "--config.max_steps=2", "--config.checkpoint.every=2"],
-        description="test",
-    ).config
-    train_cli.train(config, workdir)
+    config = train_config(
+        f"{REPO_ROOT}/configs/tiny_cpu.py", "--config.seq_len=128",
+        "--config.batch.global_batch=2", "--config.eval.before=False",
+        "--config.eval.after=False", "--config.checkpoint.async_save=False",
+        "--config.data.prefetch=0", "--config.max_steps=2", "--config.checkpoint.every=2")
+    train(config, workdir)
     for fmt in export.FORMATS:
-        assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / fmt),
-                            "--format", fmt]) == 0
-    cfg, variables, _ = checkpointing.restore_for_export(workdir)
+        assert run_command(export_command.COMMAND, ["--workdir", str(workdir), "--out",
+                                                    str(tmp_path / fmt), "--format", fmt]) == 0
+    loaded = load_run(workdir)
+    cfg, variables = loaded.cfg, loaded.variables
     adapter = json.loads((tmp_path / "peft" / export.ADAPTER_CONFIG).read_text())
     assert adapter["modules_to_save"] == list(export.LORA_PLUS_MODULES)  # the run's mode
     ids = IDS % cfg.vocab_size

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from longlora_jax import generate as gen
+from longlora_jax import generate as generate_command
+from longlora_jax.cli import run_command
+from longlora_jax.inference import decode as gen
+from longlora_jax.inference import prompts
 from longlora_jax.io.hf import load_pretrained
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.kv_cache import CACHE_COLLECTION, init_cache
@@ -197,7 +200,7 @@ def test_sharded_generate_equals_unsharded():
         from longlora_jax.generate import generate
         from longlora_jax.modeling.config import LlamaConfig
         from longlora_jax.modeling.llama import LlamaForCausalLM
-        from longlora_jax.sharding import make_mesh
+        from longlora_jax.parallel.mesh import make_mesh
         cfg = LlamaConfig.preset("tiny", scan_layers=True, eos_token_id=None)
         init = jax.jit(LlamaForCausalLM(cfg).init)
         variables = nn.unbox(init(jax.random.key(0), np.zeros((1, 8), np.int32)))
@@ -271,16 +274,19 @@ def test_bad_arguments(bad, match):
 
 
 def test_cli_prompt_and_errors(capsys, tmp_path):
-    assert gen.main(["--model", "preset:tiny", "--prompt", "hello", "--max-new-tokens", "4",
-                     "--temperature", "0"]) == 0
+    def cli(*argv):
+        return run_command(generate_command.COMMAND, list(argv))
+
+    assert cli("--model", "preset:tiny", "--prompt", "hello", "--max-new-tokens", "4",
+               "--temperature", "0") == 0
     captured = capsys.readouterr()
     assert "prompt tokens" in captured.err
-    assert gen.main(["--model", "preset:tiny", "--material", str(tmp_path / "nope.txt"),
-                     "--question", "why?"]) == 2
+    assert cli("--model", "preset:tiny", "--material", str(tmp_path / "nope.txt"),
+               "--question", "why?") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "nope.txt" in err and len(err.splitlines()) == 1
     long_prompt = "x" * 2000  # the tiny preset's window is 1024 tokens (bytes tokenizer)
-    assert gen.main(["--model", "preset:tiny", "--prompt", long_prompt]) == 2
+    assert cli("--model", "preset:tiny", "--prompt", long_prompt) == 2
     err = capsys.readouterr().err.strip()
     assert "context window 1024" in err and len(err.splitlines()) == 1
 
@@ -292,11 +298,11 @@ def test_build_prompt_templates():
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return f"<user>{messages[0]['content']}</user><assistant>"
 
-    assert gen.build_prompt(Chat(), prompt="hi", material=None, question=None) == \
+    assert prompts.build_prompt(Chat(), prompt="hi", material=None, question=None) == \
         "<user>hi</user><assistant>"
-    alpaca = gen.build_prompt(object(), prompt=None, material="BOOK", question="Q?")
-    assert alpaca == gen.ALPACA_TEMPLATE.format(instruction="BOOK\nQ?")
-    assert gen.build_prompt(object(), prompt="hi", material=None, question=None) == "hi"
+    alpaca = prompts.build_prompt(object(), prompt=None, material="BOOK", question="Q?")
+    assert alpaca == prompts.ALPACA_TEMPLATE.format(instruction="BOOK\nQ?")
+    assert prompts.build_prompt(object(), prompt="hi", material=None, question=None) == "hi"
 
 
 @pytest.mark.slow
@@ -304,12 +310,12 @@ def test_smollm2_greedy_equals_transformers():
     """The offline SmolLM2-135M-Instruct GGUF: 24 greedy tokens of a chat prompt, ours vs HF."""
     import transformers
 
-    from longlora_jax import assets
+    from longlora_jax.data import assets
     from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer
 
     path = assets.smollm2_gguf()
     tokenizer = load_gguf_tokenizer(path)
-    text = gen.build_prompt(tokenizer, prompt="Name three colours of the rainbow.",
+    text = prompts.build_prompt(tokenizer, prompt="Name three colours of the rainbow.",
                             material=None, question=None)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     cfg, params = load_gguf(path, config_overrides={"scan_layers": True})

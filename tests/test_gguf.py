@@ -12,9 +12,11 @@ import torch
 import transformers
 from flax import traverse_util
 
-from longlora_jax import ConfigError, assets
+from longlora_jax import ConfigError
+from longlora_jax.data import assets
+from longlora_jax.errors import CheckpointError
 from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer, read_gguf_config
-from longlora_jax.io.hf import CheckpointError, tensor_names
+from longlora_jax.io.hf import tensor_names
 from tests.test_model_vs_hf import hf_logits, next_token_loss, our_logits, random_hf_model, tokens
 
 # ------------------------------------------------------------------------------ tiny files

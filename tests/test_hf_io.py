@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from longlora_jax import ConfigError, LlamaConfig, LlamaForCausalLM
+from longlora_jax.errors import CheckpointError
 from longlora_jax.io import hf
-from longlora_jax.io.hf import CheckpointError, load_pretrained, save_pretrained
+from longlora_jax.io.hf import load_pretrained, save_pretrained
 from tests.helpers import run_python
 from tests.test_model_vs_hf import hf_logits, our_logits, random_hf_model, tokens
 
@@ -127,7 +128,7 @@ def test_error_missing_directory(tmp_path):
 
 def test_error_missing_config(ckpt):
     (ckpt / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"config.json") as e:
+    with pytest.raises(CheckpointError, match=r"config.json") as e:
         load_pretrained(ckpt)
     _one_line(e)
 
@@ -276,7 +277,8 @@ def test_load_into_mesh_shardings_and_save_back(ckpt, tmp_path):
     from safetensors.numpy import load_file
     from longlora_jax import LlamaForCausalLM
     from longlora_jax.io.hf import load_pretrained, save_pretrained
-    from longlora_jax.sharding import make_mesh, tree_shardings
+    from longlora_jax.parallel.mesh import make_mesh
+    from longlora_jax.parallel.rules import tree_shardings
 
     jax.config.update("jax_default_matmul_precision", "highest")
     ckpt, out = {str(ckpt)!r}, {str(tmp_path / "resaved")!r}

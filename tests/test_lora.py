@@ -186,7 +186,7 @@ def test_full_mode_without_lora_and_label_errors():
     assert "lora" not in base
     assert set(flat_labels(lora.trainable_labels(base, "full")).values()) == {"trainable"}
     for mode in ("lora", "lora_plus"):
-        with pytest.raises(lora.LoraError, match=f"'{mode}' needs LoRA factors.*lora_rank > 0"):
+        with pytest.raises(ConfigError, match=f"'{mode}' needs LoRA factors.*lora_rank > 0"):
             lora.trainable_labels(base, mode)
     with pytest.raises(ValueError, match="'qlora'; valid: lora, lora_plus, full"):
         lora.trainable_labels(base, "qlora")
@@ -300,9 +300,9 @@ def test_merge_keeps_kernel_dtype():
 def test_merging_twice_is_an_error():
     cfg = tiny()
     merged_cfg, merged = lora.merge_lora(cfg, perturb_lora(init(cfg)))
-    with pytest.raises(lora.LoraError, match=r"nothing to merge: lora_rank=0.*already merged"):
+    with pytest.raises(ConfigError, match=r"nothing to merge: lora_rank=0.*already merged"):
         lora.merge_lora(merged_cfg, {"params": merged})
-    with pytest.raises(lora.LoraError, match="no 'lora' collection"):
+    with pytest.raises(ConfigError, match="no 'lora' collection"):
         lora.merge_lora(cfg, {"params": merged})
 
 

@@ -16,9 +16,9 @@ import textwrap
 
 import pytest
 
-from longlora_jax import cli, train
-from longlora_jax.checkpointing import Checkpointer
-from tests.helpers import REPO_ROOT
+from longlora_jax.training.checkpoint import Checkpointer
+from longlora_jax.training.loop import train
+from tests.helpers import REPO_ROOT, train_config
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
 ARGS = [
@@ -31,17 +31,19 @@ ARGS = [
 # One process of the group: join, report what it sees, train.
 CHILD = textwrap.dedent("""
     import json, sys
-    from longlora_jax import cli, distributed, sharding, train
+    from longlora_jax.parallel import distributed
     assert distributed.maybe_initialize()
     import jax
-    mesh = sharding.make_mesh({"data": -1})
+    from longlora_jax.parallel.mesh import make_mesh
+    from longlora_jax.training.loop import train
+    from tests.helpers import train_config
+    mesh = make_mesh({"data": -1})
     print("PROBE " + json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
         "mesh_processes": sorted({d.process_index for d in mesh.devices.flat}),
     }), flush=True)
-    args = cli.parse(sys.argv[1:], description="child", workdir=True)
-    train.train(args.config, args.workdir)
+    train(train_config(*sys.argv[2:]))
 """)
 
 
@@ -85,7 +87,7 @@ def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
 
 
 def _single(workdir: pathlib.Path, *overrides: str) -> list[tuple[int, float]]:
-    train.train(cli.parse([*ARGS, *overrides], description="test").config, workdir)
+    train(train_config(*ARGS[1:], *overrides), workdir)
     return _losses(workdir)
 
 

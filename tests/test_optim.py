@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from longlora_jax import LlamaConfig, LlamaForCausalLM
 from longlora_jax.modeling import lora
-from longlora_jax.optim import default_optim_config, lr_schedule, make_optimizer
+from longlora_jax.training.optim import default_optim_config, lr_schedule, make_optimizer
 
 IDS = np.zeros((1, 8), np.int32)
 
@@ -184,8 +184,8 @@ def compiled_step_memory(mode: str, devices, *, layers: int, frozen_dtype: str,
     remat, compute in `dtype`), compiled on abstract inputs only: nothing is allocated.
     Trainable leaves fp32, frozen ones `frozen_dtype`; "full" is full fine-tuning (no LoRA).
     """
-    from longlora_jax import sharding
-    from longlora_jax.train_step import StepOptions, build_train_setup
+    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.training.step import StepOptions, build_train_setup
 
     cfg = LlamaConfig.preset(
         "llama2-7b", num_hidden_layers=layers, scan_layers=True, remat_policy="full",
@@ -194,7 +194,7 @@ def compiled_step_memory(mode: str, devices, *, layers: int, frozen_dtype: str,
     setup = build_train_setup(
         LlamaForCausalLM(cfg), sharding.make_mesh(devices=devices), mode=mode,
         optim_cfg=default_optim_config(), options=StepOptions(loss_chunk=256),
-        seq_len=seq_len, frozen_dtype=frozen_dtype,
+        frozen_dtype=frozen_dtype,
     )
     analysis = setup.lower(1, seq_len).compile().memory_analysis()
     return {

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from longlora_jax import passkey
 from longlora_jax.data.tokenizer import ByteTokenizer, encoder
-from longlora_jax.modeling.config import ConfigError, LlamaConfig
+from longlora_jax.errors import ConfigError
+from longlora_jax.evaluation import passkey
+from longlora_jax.modeling.config import LlamaConfig
 
 ENCODE = encoder(ByteTokenizer())
 
@@ -94,7 +95,7 @@ def test_accuracy_runs_batched_prompts_through_generate():
 @pytest.mark.slow
 def test_smollm2_retrieves_the_passkey_at_1k():
     """SmolLM2-135M-Instruct (native window 8192) finds the key in ~1k-token prompts."""
-    from longlora_jax.loading import load_model
+    from longlora_jax.io.run import load_model
 
     loaded = load_model("smollm2")
     result = passkey.passkey_accuracy(loaded.cfg, loaded.variables, loaded.tokenizer, 1024,

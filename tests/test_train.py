@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from longlora_jax import cli, train
-from longlora_jax.checkpointing import Checkpointer, CheckpointMismatchError
-from longlora_jax.data.config import DataError
-from longlora_jax.modeling.config import ConfigError
-from longlora_jax.sharding import MeshError
-from tests.helpers import REPO_ROOT, run_python
+from longlora_jax import train as train_command
+from longlora_jax.cli import parse
+from longlora_jax.errors import CheckpointError, ConfigError, DataError
+from longlora_jax.training import loop as train
+from longlora_jax.training.checkpoint import Checkpointer
+from tests.helpers import REPO_ROOT, run_python, train_config
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
 FAST = [
@@ -27,7 +27,7 @@ FAST = [
 
 
 def _config(*overrides: str):
-    return cli.parse(["--config", CONFIG, *FAST, *overrides], description="test").config
+    return train_config(CONFIG, *FAST, *overrides)
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -90,13 +90,13 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
 def test_sharded_equals_unsharded():
     code = """
     import json, pathlib, sys, tempfile
-    from longlora_jax import cli, train
-    args = sys.argv[1:]
+    from longlora_jax.training.loop import train
+    from tests.helpers import train_config
     workdir = pathlib.Path(tempfile.mkdtemp())
-    config = cli.parse(["--config", "configs/tiny_cpu.py", *{fast}, "--config.max_steps=3",
-                        "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4",
-                        "--config.checkpoint.every=0", *{mesh}], description="t").config
-    train.train(config, workdir)
+    config = train_config("configs/tiny_cpu.py", *{fast}, "--config.max_steps=3",
+                          "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4",
+                          "--config.checkpoint.every=0", *{mesh})
+    train(config, workdir)
     print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
                       .splitlines()]))
     """
@@ -112,8 +112,8 @@ def test_sharded_equals_unsharded():
 
 
 def test_unknown_config_key_is_one_line():
-    with pytest.raises(cli.UsageError, match=r"unknown config key 'lora.rnk'.*rank"):
-        cli.parse(["--config", CONFIG, "--config.lora.rnk=4"], description="t")
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.rnk'.*rank"):
+        parse(train_command.COMMAND, ["--config", CONFIG, "--config.lora.rnk=4"])
 
 
 def test_cli_prints_one_line_and_exit_2(tmp_path):
@@ -129,7 +129,7 @@ def test_cli_prints_one_line_and_exit_2(tmp_path):
 
 
 def test_mesh_product_must_match_devices(tmp_path):
-    with pytest.raises(MeshError, match="4 devices but 1 are available"):
+    with pytest.raises(ConfigError, match="4 devices but 1 are available"):
         train.train(_config("--config.mesh.data=2", "--config.mesh.tensor=2"), tmp_path)
 
 
@@ -144,7 +144,7 @@ def test_seq_len_s2_cannot_use(tmp_path, overrides, message):
 
 def test_workdir_of_a_different_model(tmp_path):
     train.train(_config("--config.max_steps=1", "--config.checkpoint.every=1"), tmp_path)
-    with pytest.raises(CheckpointMismatchError, match="lora_rank=8 there, 4 here"):
+    with pytest.raises(CheckpointError, match="lora_rank=8 there, 4 here"):
         train.train(_config("--config.max_steps=2", "--config.lora.rank=4"), tmp_path)
     assert Checkpointer(tmp_path, every=0, keep=1).steps() == [1]
 
@@ -175,7 +175,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
     train.train(_config("--config.max_steps=4", "--config.checkpoint.every=2"), tmp_path)
-    latest = tmp_path / "checkpoints" / "4" / "state"
+    latest = tmp_path / "checkpoints" / "4" / "trainable"
     for path in latest.rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -198,3 +198,23 @@ def test_bad_config_values_are_one_line_errors(tmp_path):
                               ("--config.optim.schedule=step", "optim.schedule='step'")):
         with pytest.raises(ConfigError, match=message):
             train.train(_config(override), tmp_path)
+
+
+def test_train_restores_signal_handlers_and_leaves_the_config_alone(tmp_path):
+    """After a run (e.g. in a notebook) Ctrl-C works as before, and the caller's config is
+    unchanged (optim.total_steps 0 is resolved inside, not written back)."""
+
+    def mine(signum, frame):
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGINT, mine)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        config = _config("--config.max_steps=1", "--config.checkpoint.every=0")
+        before = config.to_json()
+        train.train(config, tmp_path)
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is term
+        assert config.to_json() == before and config.optim.total_steps == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)

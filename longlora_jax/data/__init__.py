@@ -1,7 +1,7 @@
 """Data: sources (offline assets, local text/jsonl via TFDS, TFDS catalog, SFT JSON), packing,
 the grain training pipeline, and evaluation token sources / perplexity windows."""
 
-from longlora_jax.data.config import DataError, check_data_config, default_data_config
+from longlora_jax.data.config import check_data_config, default_data_config
 from longlora_jax.data.eval_data import (
     TokenDocument,
     eval_documents,
@@ -16,7 +16,6 @@ from longlora_jax.data.tokenizer import ByteTokenizer, Tokenizer
 __all__ = [
     "BATCH_DTYPES",
     "ByteTokenizer",
-    "DataError",
     "TokenDocument",
     "Tokenizer",
     "batch_spec",

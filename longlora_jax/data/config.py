@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError
 
 TRAIN_SOURCES = ("offline_essays", "offline_books", "offline_all", "text_files", "jsonl",
                  "tfds", "sft_json")
@@ -12,10 +12,6 @@ EVAL_SOURCES = ("offline_essays", "offline_books", "offline_all", "text_files", 
                 "tfds", "token_file")
 PACKINGS = ("auto", "concat", "pad")
 TOKEN_DTYPES = ("uint16", "uint32")
-
-
-class DataError(ValueError):
-    """Training or evaluation data is missing or malformed; the message names the culprit."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:

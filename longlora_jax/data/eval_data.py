@@ -26,10 +26,10 @@ import ml_collections
 import numpy as np
 
 from longlora_jax.data import sources
-from longlora_jax.data.config import DataError, check_data_config
+from longlora_jax.data.config import check_data_config
 from longlora_jax.data.paths import resolve_paths
 from longlora_jax.data.tokenizer import Tokenizer, bos_id, encoder
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 
 PROTOCOLS = ("official", "nonoverlap")
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from longlora_jax.assets import file_lock
-from longlora_jax.data.config import DataError
+from longlora_jax.data.assets import file_lock
+from longlora_jax.errors import DataError
 
 
 @dataclasses.dataclass(eq=False)

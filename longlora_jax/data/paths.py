@@ -6,7 +6,7 @@ import glob
 import pathlib
 from collections.abc import Sequence
 
-from longlora_jax.data.config import DataError
+from longlora_jax.errors import DataError
 
 
 def resolve_paths(paths: str | Sequence[str], *, source: str) -> list[pathlib.Path]:

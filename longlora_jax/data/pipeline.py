@@ -31,13 +31,13 @@ import ml_collections
 import numpy as np
 
 from longlora_jax.data import sources
-from longlora_jax.data.config import DataError, check_data_config, resolved_packing
+from longlora_jax.data.config import check_data_config, resolved_packing
 from longlora_jax.data.packing import ROW_KEYS, Example, concat_row, pad_row
 from longlora_jax.data.paths import resolve_paths
 from longlora_jax.data.prefetch import PrefetchIterator
 from longlora_jax.data.sft import check_template, load_sft_json, sft_tokens
 from longlora_jax.data.tokenizer import Tokenizer, bos_id, encoder, eos_id
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 
 BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
                 "segment_ids": np.int32, "positions": np.int32}

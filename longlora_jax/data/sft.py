@@ -19,8 +19,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from longlora_jax.data.config import DataError
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 
 _LLAMA2_SYSTEM = (
     "[INST] <<SYS>>\n"

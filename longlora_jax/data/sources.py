@@ -12,12 +12,13 @@ import pathlib
 
 import grain
 import ml_collections
+import tensorflow_datasets as tfds
 
-from longlora_jax import assets
-from longlora_jax.assets import Document
-from longlora_jax.data.config import DataError
+from longlora_jax.data import assets
+from longlora_jax.data.assets import Document
+from longlora_jax.data.local_tfds import local_text_source
 from longlora_jax.data.paths import resolve_paths
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError, DataError
 
 
 def _offline(cfg: ml_collections.ConfigDict, heldout: bool) -> list[Document]:
@@ -51,8 +52,6 @@ def _decoded(source, name_of, text_field: str) -> grain.MapDataset:
 
 
 def _local_files(cfg: ml_collections.ConfigDict) -> grain.MapDataset:
-    from longlora_jax.data.local_tfds import local_text_source  # imports TFDS (slow)
-
     files = resolve_paths(cfg.paths, source=cfg.source)
     data_dir = pathlib.Path(cfg.tfds_data_dir or assets.cache_dir() / "tfds").expanduser()
     kind = "text" if cfg.source == "text_files" else "jsonl"
@@ -61,8 +60,6 @@ def _local_files(cfg: ml_collections.ConfigDict) -> grain.MapDataset:
 
 
 def _tfds_catalog(cfg: ml_collections.ConfigDict) -> grain.MapDataset:
-    import tensorflow_datasets as tfds
-
     name, split = cfg.tfds_name, cfg.tfds_split
     try:
         builder = tfds.builder(name, data_dir=cfg.tfds_data_dir or None)

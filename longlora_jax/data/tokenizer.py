@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError
 
 
 class Tokenizer(Protocol):
@@ -66,3 +66,19 @@ def encoder(tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
         return np.asarray(getattr(out, "ids", out), dtype=np.int32).reshape(-1)
 
     return encode
+
+
+def decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
+    """`ids -> text` without special tokens, for HF tokenizers and the byte tokenizer.
+
+    A tokenizer without `skip_special_tokens` (the byte tokenizer) is given only the ids
+    below its `vocab_size`: a random-init model's vocabulary may be larger.
+    """
+    try:
+        params = inspect.signature(tokenizer.decode).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "skip_special_tokens" in params:
+        return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
+    size = getattr(tokenizer, "vocab_size", None)
+    return lambda ids: tokenizer.decode([int(i) for i in ids if size is None or int(i) < size])

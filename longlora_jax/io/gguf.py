@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from gguf.quants import dequantize
 
-from longlora_jax.io.hf import CheckpointError, assemble_params, tensor_names
-from longlora_jax.modeling.config import ConfigError, LlamaConfig
+from longlora_jax.errors import CheckpointError, ConfigError
+from longlora_jax.io.hf import assemble_params, tensor_names
+from longlora_jax.modeling.config import LlamaConfig
 
 SUPPORTED_ARCHS = ("llama",)
 

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from longlora_jax.errors import CheckpointError
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
 
@@ -67,10 +68,6 @@ _LAYER: tuple[tuple[tuple[str, ...], str, bool], ...] = (
 )
 _LAYER_PREFIX = "model.layers."
 SCANNED_LAYERS = "layers"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or inconsistent; the message says which part."""
 
 
 @dataclasses.dataclass(frozen=True)

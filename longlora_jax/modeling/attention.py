@@ -3,7 +3,8 @@
 q [B, N, Hq, D]; k, v [B, N, Hkv, D] with Hq a multiple of Hkv (GQA: query head h reads kv head
 h // (Hq // Hkv)); output [B, N, Hq, D]. Softmax is computed in fp32.
 
-S2-Attn with group size G (even, <= N), exactly as DESIGN.md specifies:
+S2-Attn with group size G (even, <= N), exactly as the official LongLoRA code computes it
+(`docs/s2_attention.md` has the same rules with pictures of the masks):
   * query heads h < Hq // 2 attend causally within the groups [0, G), [G, 2G), ...;
   * heads h >= Hq // 2 are "shifted": q, k, v rolled left by G/2, attended causally within
     groups, the output rolled back. With `wrap=False` (default, the official flash path) the
@@ -33,17 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import kernels
 from longlora_jax.modeling.config import ATTENTION_IMPLS, LlamaConfig
-
-SEQUENCE_AXIS = "sequence"
-TENSOR_AXIS = "tensor"
-BATCH_AXES = ("data", "fsdp")
-
-
-class AttentionError(ValueError):
-    """Bad attention input; the message names the value and what would be valid."""
-
+from longlora_jax.parallel.mesh import BATCH_AXES, SEQUENCE, TENSOR
 
 # --------------------------------------------------------------------------- validation
 
@@ -51,33 +45,33 @@ class AttentionError(ValueError):
 def _check_inputs(q, k, v, segment_ids) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
-            raise AttentionError(f"{name} must be rank 4 [B, N, H, D], got shape {tuple(x.shape)}")
+            raise ConfigError(f"{name} must be rank 4 [B, N, H, D], got shape {tuple(x.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise AttentionError(
+        raise ConfigError(
             f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree: "
             "need q [B, N, Hq, D] and k, v [B, N, Hkv, D]"
         )
     if q.shape[2] % k.shape[2]:
-        raise AttentionError(
+        raise ConfigError(
             f"query heads Hq={q.shape[2]} must be a multiple of kv heads Hkv={k.shape[2]}"
         )
     if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
-        raise AttentionError(
+        raise ConfigError(
             f"segment_ids shape {tuple(segment_ids.shape)} must be [B, N] = {tuple(q.shape[:2])}"
         )
 
 
 def _check_group(group_size: int, n: int) -> None:
     if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise AttentionError(f"S2 group_size must be a positive even int, got {group_size!r}")
+        raise ConfigError(f"S2 group_size must be a positive even int, got {group_size!r}")
     if group_size > n:
-        raise AttentionError(f"S2 group_size={group_size} exceeds the sequence length N={n}")
+        raise ConfigError(f"S2 group_size={group_size} exceeds the sequence length N={n}")
 
 
 def resolve_impl(impl: str, dtype=jnp.float32) -> str:
     """The concrete backend for `impl`: auto = splash on TPU, cudnn on GPU (fp16/bf16), xla."""
     if impl not in ATTENTION_IMPLS:
-        raise AttentionError(f"attention impl {impl!r} is not one of: {', '.join(ATTENTION_IMPLS)}")
+        raise ConfigError(f"attention impl {impl!r} is not one of: {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
     platform = kernels.target_platform()
@@ -272,8 +266,8 @@ def _mesh_axes() -> _MeshAxes | None:
         return None
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    return _MeshAxes(batch, math.prod(sizes[a] for a in batch), sizes.get(SEQUENCE_AXIS, 1),
-                     sizes.get(TENSOR_AXIS, 1))
+    return _MeshAxes(batch, math.prod(sizes[a] for a in batch), sizes.get(SEQUENCE, 1),
+                     sizes.get(TENSOR, 1))
 
 
 def _per_device(fn, args, mesh: _MeshAxes, *, split_heads: bool = False, kernel=None):
@@ -285,8 +279,8 @@ def _per_device(fn, args, mesh: _MeshAxes, *, split_heads: bool = False, kernel=
     """
     b = args[0].shape[0]
     batch = mesh.batch if mesh.batch and b % mesh.batch_size == 0 else None
-    seq = SEQUENCE_AXIS if mesh.seq_size > 1 else None
-    heads = TENSOR_AXIS if split_heads else None
+    seq = SEQUENCE if mesh.seq_size > 1 else None
+    heads = TENSOR if split_heads else None
 
     def spec(x):
         return None if x is None else PartitionSpec(batch, seq, *([heads] if x.ndim == 4 else []))
@@ -336,14 +330,14 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
 
     if seq_size > 1:
         if n % (seq_size * group_size):
-            raise AttentionError(
+            raise ConfigError(
                 f"sequence-parallel S2 needs N={n} to be a multiple of sequence shards "
                 f"({seq_size}) x group_size ({group_size})"
             )
 
         def per_device(q, k, v, seg):
             return _s2_block(q, k, v, seg, None, group=group_size, wrap=wrap, grouped=grouped,
-                             nbrs=_ring(SEQUENCE_AXIS, seq_size))
+                             nbrs=_ring(SEQUENCE, seq_size))
 
         return _per_device(per_device, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 

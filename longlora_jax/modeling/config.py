@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from longlora_jax.errors import CheckpointError, ConfigError
+
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_TRAIN = ("full", "s2")
@@ -45,10 +47,6 @@ _ROPE_FIELDS: dict[str, dict[str, bool]] = {
         "original_max_position_embeddings": True,
     },
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names it and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +99,41 @@ class RopeScaling:
             if value is not None:
                 out[name] = value
         return out
+
+
+ROPE_GRAMMAR = "base | default | linear:F | dynamic:F | yarn:F"
+ROPE_EXTENSIONS = ("linear", "dynamic", "yarn")
+
+
+def parse_rope(text: str) -> RopeScaling | None:
+    """One RoPE variant in the project's one grammar -> its scaling (None for "base").
+
+    base       the scaling the model already has (as loaded, or as its run trained it)
+    default    plain RoPE, no scaling (HF's name for it)
+    linear:F   linear position interpolation by F >= 1 (the paper's PI)
+    dynamic:F  dynamic NTK scaling by F;  yarn:F  YaRN by F
+    Training configs spell the same words as `rope.type` + `rope.factor`.
+    """
+    text = text.strip()
+    if text == "base":
+        return None
+    if text == "default":
+        return RopeScaling()
+    kind, _, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = None
+    if kind not in ROPE_EXTENSIONS or value is None or value < 1:
+        raise ConfigError(f"rope {text!r}; valid: {ROPE_GRAMMAR} (F >= 1)")
+    return RopeScaling(kind, factor=value)
+
+
+def rope_name(scaling: RopeScaling) -> str:
+    """A scaling in the grammar of `parse_rope`: "default", "linear:4", ..."""
+    if scaling.rope_type == "default":
+        return "default"
+    return f"{scaling.rope_type}:{scaling.factor:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +275,32 @@ class LlamaConfig:
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_rope(self, scaling: RopeScaling | None) -> LlamaConfig:
+        """This config with its RoPE scaling replaced (None keeps it; see `parse_rope`).
+
+        YaRN without an original context takes `max_position_embeddings` as the original.
+        """
+        if scaling is None:
+            return self
+        if scaling.rope_type == "yarn" and scaling.original_max_position_embeddings is None:
+            scaling = dataclasses.replace(
+                scaling, original_max_position_embeddings=self.max_position_embeddings)
+        return self.replace(rope_scaling=scaling)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (a run's metadata keeps its model this way)."""
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = self.rope_scaling.to_hf()
+        return out
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> LlamaConfig:
+        """The inverse of `to_dict`; ConfigError for a field this version does not know."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"model config fields {unknown} are unknown to this version")
+        return cls(**fields)
+
     def num_params(self) -> int:
         """Base-model parameter count (LoRA factors excluded)."""
         e, f, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
@@ -357,7 +416,7 @@ def _read_hf_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, An
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json at {path!r}: an HF checkpoint directory needs one")
+        raise CheckpointError(f"no config.json at {path!r}: an HF checkpoint directory needs one")
     with open(path) as f:
         return json.load(f)
 

@@ -34,7 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask,
 )
 
-# Block size T of the blocked XLA kernel (tokens); tuned on a 2-core AVX-512 CPU.
+# Block size T of the blocked XLA kernel (tokens), chosen with `bench attention` on CPU.
 DEFAULT_BLOCK = 512
 # Score elements per loop step of the blocked kernel (chunks are batched up to this; the
 # bench sets it huge to unroll the loop for XLA cost analysis, which counts a body once).

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 CACHE_COLLECTION = "cache"
-# Key slots per step of `cached_attention` (fastest of 256/512/1024 on a 2-core CPU at 8k).
+# Key slots per step of `cached_attention` (the fastest of 256/512/1024 on CPU at 8k tokens).
 DEFAULT_BLOCK = 256
 _KV_AXES = ("cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
 

@@ -11,8 +11,8 @@ collection, so a model's variables are `{"params": base, "lora": adapters}`:
 Sharding: A is named (in-axis, "lora_rank") and B ("lora_rank", out-axis), i.e. each factor
 is split like the kernel dimension it shares and the rank r is replicated. `x @ A` then
 reduces over the same (fsdp) split as `x @ W` does, no factor is ever gathered whole, and a
-factor's bytes per device shrink with the kernel's (r * E per layer is tiny, but for 70B
-at r=64 replicating every factor would still cost ~1 GB per device in Adam state).
+factor's bytes per device shrink with the kernel's (r * E per layer is tiny, but replicated
+factors of a 70B model at a large rank would add up in Adam state on every device).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from longlora_jax.modeling.config import ConfigError, LlamaConfig
+from longlora_jax.errors import ConfigError
+from longlora_jax.modeling.config import LlamaConfig
 
 LORA_COLLECTION = "lora"
 
@@ -123,10 +124,6 @@ TRAIN_MODES = ("lora", "lora_plus", "full")
 _NORM_SUFFIX = "norm"  # RMSNorm modules: input_layernorm, post_attention_layernorm, norm
 
 
-class LoraError(ValueError):
-    """LoRA state does not fit the request (no adapters to train, merge or export)."""
-
-
 def param_kind(path: tuple[str, ...]) -> str:
     """What a variable is, from its flattened path `(collection, module, ..., leaf)`.
 
@@ -161,17 +158,17 @@ def trainable_labels(variables: Mapping[str, Any], mode: str) -> dict[str, Any]:
       SmolLM2): the one matrix is both the input embedding and the LM head, so it trains and
       the output projection changes with it. It is not untied: that would change the
       architecture and the exported checkpoint; both exports keep it one matrix (the PEFT
-      adapter via `ensure_weight_tying`). Cost: SmolLM2-135M at r=8 trains 29.3M of 135.4M
-      weights (21.6%; the embedding is 28.3M), where LLaMA-2-7B trains 139.7M of 6.75B (2.1%).
+      adapter via `ensure_weight_tying`). With a large vocabulary and a small model the
+      embedding dominates what trains (the README gives the counts).
     - "full": every leaf of `params` and of `lora` (if present) trains.
 
-    Raises `LoraError` for "lora"/"lora_plus" without a `lora` collection (lora_rank == 0)
-    and `ValueError` for an unknown mode.
+    Raises `ConfigError` for an unknown mode, or "lora"/"lora_plus" without a `lora`
+    collection (lora_rank == 0).
     """
     if mode not in TRAIN_MODES:
         raise ConfigError(f"lora.mode={mode!r}; valid: {', '.join(TRAIN_MODES)}")
     if mode != "full" and not variables.get(LORA_COLLECTION):
-        raise LoraError(
+        raise ConfigError(
             f"trainable mode {mode!r} needs LoRA factors but the variables have no "
             f"{LORA_COLLECTION!r} collection; set lora_rank > 0 or use mode 'full'"
         )
@@ -231,12 +228,12 @@ def merge_lora(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaCon
     With s = alpha / r. Works on scanned (leading layer axis) and unscanned trees; the product
     is computed in fp32 at full precision and cast to the kernel's dtype (a bf16 base loses
     the bf16 rounding of the sum: upcast first to keep it). Returns the config with LoRA off
-    and the merged `params`, which give the unmerged model's logits. Raises `LoraError` when
+    and the merged `params`, which give the unmerged model's logits. Raises `ConfigError` when
     there is nothing to merge (already merged, or trained without LoRA).
     """
     lora = variables.get(LORA_COLLECTION)
     if not cfg.lora_rank or not lora:
-        raise LoraError(
+        raise ConfigError(
             f"nothing to merge: lora_rank={cfg.lora_rank} and the variables have "
             f"{'a' if lora else 'no'} {LORA_COLLECTION!r} collection (already merged, or "
             "trained without LoRA)"

@@ -1,7 +1,7 @@
 """The training step, its state, and the one jitted, sharded form of it.
 
-`train.py` runs it and `aot.py` compiles exactly the same function for a TPU topology, so
-what the fit report measures is what a run executes.
+`training.loop` runs it and `training.fit` compiles exactly the same function for a TPU
+topology, so what the fit report measures is what a run executes.
 
 State layout: the model's variables are split once by the trainable labels
 (`lora.trainable_labels`) into `trainable` (fp32, in the state, optimised, checkpointed)
@@ -24,11 +24,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from longlora_jax import sharding
-from longlora_jax.loss import chunked_cross_entropy
+from longlora_jax.io.base import abstract_variables
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
-from longlora_jax.optim import lr_schedule, make_optimizer
+from longlora_jax.modeling.loss import chunked_cross_entropy
+from longlora_jax.parallel import rules
+from longlora_jax.training.optim import lr_schedule, make_optimizer
 
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -167,8 +168,9 @@ def eval_step(variables: Any, batch: Batch, *, model: LlamaForCausalLM,
 class TrainSetup:
     """Everything abstract about a run: labels, shardings, and the jitted step.
 
-    Built without allocating any weights (`jax.eval_shape`), so `aot.py` can use it for a
-    model that would not fit on the host. `step_fn` is the jitted, sharded `train_step`.
+    Built without allocating any weights (`jax.eval_shape`), so `training.fit` can use it for
+    a model that would not fit on the host. `step_fn` is the jitted, sharded `train_step`; it
+    runs (and lowers) under its own mesh.
     """
 
     model: LlamaForCausalLM
@@ -197,9 +199,8 @@ class TrainSetup:
 
     def lower(self, global_batch: int, seq_len: int):
         """The step lowered on abstract inputs (for AOT compilation and memory analysis)."""
-        with sharding.activate(self.mesh):
-            batch = self.abstract_batch(global_batch, seq_len)
-            return self.step_fn.lower(self.abstract_state, self.abstract_frozen, batch)
+        batch = self.abstract_batch(global_batch, seq_len)
+        return self.step_fn.lower(self.abstract_state, self.abstract_frozen, batch)
 
 
 def _cast_tree(tree: Any, dtype: jnp.dtype) -> Any:
@@ -219,7 +220,6 @@ def build_train_setup(
     mode: str,
     optim_cfg: ml_collections.ConfigDict,
     options: StepOptions,
-    seq_len: int,
     frozen_dtype: str = "bfloat16",
 ) -> TrainSetup:
     """Labels, shardings, abstract state and the jitted step for `model` on `mesh`.
@@ -227,9 +227,8 @@ def build_train_setup(
     mode: "lora" | "lora_plus" | "full" (see `lora.trainable_labels`). Trainable leaves are
     fp32; frozen leaves are stored in `frozen_dtype`. optim_cfg: `optim.default_optim_config`.
     """
-    dummy = jnp.zeros((1, min(seq_len, 8)), jnp.int32)
-    boxed = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
-    variable_shardings = sharding.tree_shardings(mesh, boxed)
+    boxed = abstract_variables(model)
+    variable_shardings = rules.tree_shardings(mesh, boxed)
     abstract_vars = _with_shardings(nn.unbox(boxed), variable_shardings)
     labels = trainable_labels(abstract_vars, mode)
     abstract_trainable, abstract_frozen = split_trainable(abstract_vars, labels)
@@ -241,11 +240,11 @@ def build_train_setup(
     # Optimizer state mirrors the trainable leaves; derive its shardings from the boxed
     # (logically named) trainable subtree so moments are split exactly like their params.
     boxed_trainable, _ = split_trainable(boxed, labels)
-    opt_shardings = sharding.tree_shardings(mesh, jax.eval_shape(optimizer.init, boxed_trainable))
+    opt_shardings = rules.tree_shardings(mesh, jax.eval_shape(optimizer.init, boxed_trainable))
     abstract_opt = _with_shardings(
         jax.eval_shape(optimizer.init, abstract_trainable), opt_shardings
     )
-    replicated = sharding.replicated(mesh)
+    replicated = rules.replicated(mesh)
     trainable_shardings = jax.tree.map(lambda x: x.sharding, abstract_trainable)
     state_shardings = TrainState(
         step=replicated, trainable=trainable_shardings, opt_state=opt_shardings, rng=replicated
@@ -257,16 +256,16 @@ def build_train_setup(
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     )
     frozen_shardings = jax.tree.map(lambda x: x.sharding, abstract_frozen)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_mesh_spec(("act_batch", "act_length")))
+    batch_sharding = rules.batch_sharding(mesh)
     step = functools.partial(
         train_step, model=model, optimizer=optimizer, schedule=schedule, options=options
     )
-    step_fn = jax.jit(
+    step_fn = rules.on_mesh(jax.jit(
         step,
         in_shardings=(state_shardings, frozen_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
-    )
+    ), mesh)
     return TrainSetup(
         model=model, mesh=mesh, labels=labels, optimizer=optimizer, schedule=schedule,
         options=options, variable_shardings=variable_shardings, state_shardings=state_shardings,
@@ -302,7 +301,7 @@ def init_state(
     trainable = place(trainable, setup.abstract_state.trainable, copy=True)
     frozen = place(frozen, setup.abstract_frozen, copy=False)
     opt_init = jax.jit(setup.optimizer.init, out_shardings=setup.state_shardings.opt_state)
-    replicated = sharding.replicated(setup.mesh)
+    replicated = rules.replicated(setup.mesh)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
         trainable=trainable,
@@ -312,26 +311,7 @@ def init_state(
     return state, frozen
 
 
-def init_variables(setup: TrainSetup, rng: jax.Array, seq_len: int,
-                   only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Randomly initialised variables placed on the mesh (XLA drops what `only` leaves out).
-
-    only: collections to create, e.g. ("lora",) to add fresh adapters to a loaded base
-    without materialising a random copy of the base weights.
-    """
-    dummy = jnp.zeros((1, min(seq_len, 8)), jnp.int32)
-    shardings = setup.variable_shardings
-    if only is not None:
-        shardings = {k: v for k, v in shardings.items() if k in only}
-
-    def init(key):
-        variables = nn.unbox(setup.model.init(key, dummy, train=False))
-        return {k: v for k, v in variables.items() if only is None or k in only}
-
-    return jax.jit(init, out_shardings=shardings)(rng)
-
-
 __all__ = [
     "BATCH_KEYS", "StepOptions", "TrainSetup", "TrainState", "build_train_setup", "eval_step",
-    "init_state", "init_variables", "loss_and_count", "train_step",
+    "init_state", "loss_and_count", "train_step",
 ]

@@ -26,7 +26,9 @@ import dataclasses
 
 import ml_collections
 
-from longlora_jax.train_config import default_config
+from longlora_jax.errors import ConfigError
+from longlora_jax.parallel.mesh import MESH_AXES
+from longlora_jax.training.config import default_config
 
 VARIANTS = ("tpu", "gpu")
 PAPER_GLOBAL_BATCH = 64
@@ -47,8 +49,6 @@ class Layout:
 
 def _variant(variant: str, tpu: Layout, gpu: Layout) -> Layout:
     if variant not in VARIANTS:
-        from longlora_jax.modeling.config import ConfigError
-
         raise ConfigError(f"config variant {variant!r}; valid: {', '.join(VARIANTS)}")
     return tpu if variant == "tpu" else gpu
 
@@ -75,8 +75,7 @@ def _common(preset: str, seq_len: int, layout: Layout, tokenizer: str) -> ml_col
     c.optim.weight_decay = 0.0
     c.batch.global_batch = PAPER_GLOBAL_BATCH
     c.batch.micro_batch = layout.micro_batch
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1,
-                                        **layout.mesh})
+    c.mesh = ml_collections.ConfigDict({**dict.fromkeys(MESH_AXES, 1), **layout.mesh})
     c.log_every = 1
     c.checkpoint.every = 200
     c.checkpoint.keep = 2

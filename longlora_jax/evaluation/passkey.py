@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from longlora_jax.modeling.config import ConfigError, LlamaConfig
+from longlora_jax.data.tokenizer import bos_id, decoder, encoder
+from longlora_jax.errors import ConfigError
+from longlora_jax.inference.decode import generate
+from longlora_jax.modeling.config import LlamaConfig
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -102,10 +105,6 @@ def passkey_accuracy(
     Returns {"accuracy", "correct", "trials", "prompt_tokens" (mean), "answers": [(key, text)]}.
     Prompts of one batch are left-padded together (see `generate`).
     """
-    from longlora_jax.data.tokenizer import bos_id, encoder
-    from longlora_jax.generate import generate
-    from longlora_jax.loading import decoder
-
     if trials < 1 or batch < 1:
         raise ConfigError(f"passkey trials={trials} and batch={batch} must be >= 1")
     encode, decode = encoder(tokenizer), decoder(tokenizer)

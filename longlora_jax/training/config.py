@@ -1,23 +1,33 @@
 """The training configuration: every field, its default, and how it becomes a LlamaConfig.
 
 Configs under `configs/` start from `default_config()` and change what they need; any field
-can be overridden on the command line (`--config.lora.rank=16`).
+can be overridden on the command line (`--config.lora.rank=16`). Nothing here changes the
+config it is given.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
 from longlora_jax.data.config import default_data_config
-from longlora_jax.modeling.config import ConfigError, LlamaConfig, RopeScaling, linear_pi_factor
+from longlora_jax.errors import ConfigError
+from longlora_jax.io.base import BaseSpec, base_config
+from longlora_jax.modeling.config import (
+    ROPE_EXTENSIONS,
+    LlamaConfig,
+    RopeScaling,
+    linear_pi_factor,
+)
 from longlora_jax.modeling.llama import LlamaForCausalLM
-from longlora_jax.optim import default_optim_config
-from longlora_jax.pretrained import BaseSpec, base_config
-from longlora_jax.train_step import StepOptions, TrainSetup, build_train_setup
+from longlora_jax.parallel.mesh import BATCH_AXES, DATA, MESH_AXES
+from longlora_jax.training.optim import default_optim_config
+from longlora_jax.training.step import StepOptions, TrainSetup, build_train_setup
 
-ROPE_EXTENSIONS = ("linear", "dynamic", "yarn", "none")
+ROPE_TYPES = ("base", "default", *ROPE_EXTENSIONS)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,8 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
     model.remat         "none" | "full" | "dots" | "dots_no_batch".
     model.scan          run the layers under nn.scan (faster compiles, one layer's memory).
     seq_len             training context length N.
-    rope.type           context extension: "linear" (position interpolation, the paper) |
-                        "dynamic" | "yarn" | "none" (keep the base's own scaling).
+    rope.type           context extension, in the project's RoPE grammar: "linear" (position
+                        interpolation, the paper) | "dynamic" | "yarn" | "base" (keep the
+                        base's own scaling) | "default" (plain RoPE). ("none", the old name
+                        of "base", still works with a deprecation warning.)
     rope.factor         scaling factor; 0 = ceil(seq_len / rope.original_context).
     rope.original_context  the base's trained context; 0 = its max_position_embeddings.
     attention.train     "s2" (shifted sparse attention) | "full".
@@ -57,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.*              see `longlora_jax.data.config.default_data_config`.
     loss_chunk          tokens per chunk of the chunked cross-entropy.
     seed                initialisation, dropout and data order.
+    workdir             the run directory (checkpoints, metrics); `--workdir DIR` sets it.
+    aot.topology        the TPU slice `python -m longlora_jax.aot` compiles for (v4-8, ...).
+    aot.json / compare_full / table   the fit report's JSON file, a second compile with
+                        full attention, and a directory of reports to tabulate instead.
     """
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
@@ -83,20 +99,29 @@ def default_config() -> ml_collections.ConfigDict:
         batch=1,
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict({**dict.fromkeys(MESH_AXES, 1), DATA: -1})
     c.data = default_data_config()
     c.loss_chunk = 1024
     c.seed = 0
+    c.workdir = ""
+    c.aot = ml_collections.ConfigDict(dict(topology="", json="", compare_full=False, table=""))
     return c
 
 
 def rope_scaling(config: ml_collections.ConfigDict, base: LlamaConfig) -> RopeScaling:
     """The context-extension scaling for `config.seq_len` on top of `base`."""
     kind = config.rope.type
-    if kind not in ROPE_EXTENSIONS:
-        raise ConfigError(f"rope.type={kind!r}; valid: {', '.join(ROPE_EXTENSIONS)}")
     if kind == "none":
+        warnings.warn("rope.type='none' is deprecated and will be removed; use 'base' (the "
+                      "same: keep the base's scaling) or 'default' (plain RoPE)", FutureWarning,
+                      stacklevel=2)
+        kind = "base"
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope.type={kind!r}; valid: {', '.join(ROPE_TYPES)}")
+    if kind == "base":
         return base.rope_scaling
+    if kind == "default":
+        return RopeScaling()
     original = config.rope.original_context or base.max_position_embeddings
     factor = config.rope.factor or linear_pi_factor(config.seq_len, original)
     if factor <= 1.0:
@@ -168,7 +193,7 @@ def batch_sizes(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
             f"batch.global_batch={global_batch} must be a positive multiple of "
             f"batch.micro_batch={micro}"
         )
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_ways = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
     if micro % data_ways:
         raise ConfigError(
             f"batch.micro_batch={micro} must be a multiple of mesh data*fsdp={data_ways}"
@@ -181,19 +206,25 @@ def batch_sizes(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
     return global_batch, global_batch // micro
 
 
+def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config.optim` with `total_steps` 0 resolved to `max_steps`."""
+    optim = ml_collections.ConfigDict(config.optim.to_dict())
+    if optim.total_steps <= 0:
+        optim.total_steps = config.max_steps
+    return optim
+
+
 def build_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainSetup, BaseSpec, int]:
     """(TrainSetup, base spec, global batch) of a training config on `mesh`; abstract only.
 
-    Shared by training, export/evaluation of a workdir, and ahead-of-time compilation.
+    Shared by training and ahead-of-time compilation.
     """
-    if config.optim.total_steps <= 0:
-        config.optim.total_steps = config.max_steps
     cfg, spec = model_config(config)
     global_batch, accum = batch_sizes(config, mesh)
     setup = build_train_setup(
-        LlamaForCausalLM(cfg), mesh, mode=config.lora.mode, optim_cfg=config.optim,
+        LlamaForCausalLM(cfg), mesh, mode=config.lora.mode, optim_cfg=optim_config(config),
         options=StepOptions(accum_steps=accum, loss_chunk=config.loss_chunk,
                             mask_documents=config.attention.mask_documents),
-        seq_len=config.seq_len, frozen_dtype=config.model.frozen_dtype,
+        frozen_dtype=config.model.frozen_dtype,
     )
     return setup, spec, global_batch

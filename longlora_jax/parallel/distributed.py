@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def _multi_host_tpu() -> bool:
@@ -48,3 +50,15 @@ def maybe_initialize() -> bool:
         jax.distributed.initialize(local_device_ids=_local_device_ids())
         return True
     return False
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process (every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that writes files shared by the run (metrics, summaries, exports)."""
+    return jax.process_index() == 0

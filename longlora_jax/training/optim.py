@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from longlora_jax.modeling.config import ConfigError
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling.lora import param_kind
 
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")

@@ -1,9 +1,9 @@
 """Chunked next-token cross-entropy: [N, V] logits never exist at once.
 
-100k tokens x 32k vocab in fp32 is 12.8 GB of logits; here the final hidden states are
-projected to the vocabulary `chunk` tokens at a time inside a `lax.scan` whose body is
-rematerialised, so the forward keeps only [B, chunk, V] and the backward recomputes each
-chunk's logits from its hidden states. Everything is fp32.
+N tokens x V vocabulary fp32 logits would be 4·N·V bytes (100k x 32k: 12.8 GB); here the
+final hidden states are projected to the vocabulary `chunk` tokens at a time inside a
+`lax.scan` whose body is rematerialised, so the forward keeps only [B, chunk, V] and the
+backward recomputes each chunk's logits from its hidden states. Everything is fp32.
 
 Under sequence parallelism each device holds a contiguous slice of the tokens. The scan
 therefore walks the tokens *within* every slice in lockstep ([B, S, N/S, E] -> chunks of the
@@ -18,12 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def _sequence_shards() -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "sequence" not in mesh.axis_names:
-        return 1
-    return mesh.shape["sequence"]
+from longlora_jax.parallel.mesh import SEQUENCE, current_axis_size
 
 
 def chunked_cross_entropy(
@@ -42,7 +37,7 @@ def chunked_cross_entropy(
     sum of mask), both fp32 scalars; the mean loss is their ratio.
     """
     b, n, _ = h_bne.shape
-    shards = _sequence_shards()
+    shards = current_axis_size(SEQUENCE)
     if n % shards:
         shards = 1
     per_shard = n // shards

@@ -1,0 +1,160 @@
+"""S2-Attn vs full attention vs PyTorch's fused SDPA: `python -m longlora_jax.bench attention`.
+
+Forward + backward, fp32, batch 1, G = N/4 by default, for each length and head shape: wall
+time (round-robin, min of the repeats), the compiled XLA FLOPs (cost analysis of an unrolled
+copy: XLA counts a loop body once) and compiled temporary memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from longlora_jax.benchmarks.common import (
+    Variant,
+    physical_memory_bytes,
+    report,
+    time_round_robin,
+    timing_config,
+)
+from longlora_jax.errors import ConfigError
+from longlora_jax.modeling import attention, kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadShape:
+    """Hq query heads of dim D reading Hkv kv heads, parsed from "HqxD" or "HqxD/Hkv"."""
+
+    hq: int
+    d: int
+    hkv: int
+
+    @classmethod
+    def parse(cls, text: str) -> HeadShape:
+        try:
+            heads, _, kv = text.partition("/")
+            hq, d = (int(x) for x in heads.split("x"))
+            return cls(hq, d, int(kv) if kv else hq)
+        except ValueError:
+            raise ConfigError(
+                f"heads {text!r} must look like 9x64/3 (Hq x head_dim / Hkv) or 32x128"
+            ) from None
+
+    def __str__(self):
+        return f"{self.hq}x{self.d}" + (f"/{self.hkv}" if self.hkv != self.hq else "")
+
+
+def _jax_variant(name, attn, inputs, budget: int, cost_attn=None) -> Variant:
+    """Compiles q, k, v, dout -> (dq, dk, dv) for `attn`; FLOPs from `cost_attn` (unrolled)."""
+
+    def fwd_bwd(fn):
+        def run(q, k, v, dout):
+            return jax.vjp(fn, q, k, v)[1](dout)
+
+        return jax.jit(run)
+
+    compiled = fwd_bwd(attn).lower(*inputs).compile()
+    with mock.patch.object(kernels, "SCORES_PER_STEP", 1 << 62):  # one step: loops unrolled
+        costed = fwd_bwd(cost_attn or attn).lower(*inputs).compile()
+    variant = Variant(name, None, flops=costed.cost_analysis().get("flops"),
+                       temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
+    if variant.temp_bytes > budget:
+        variant.skipped = f"needs {variant.temp_bytes / 2**30:.0f} GiB temp"
+    else:
+        variant.run = lambda: jax.block_until_ready(compiled(*inputs))
+    return variant
+
+
+def _torch_variant(inputs, hs: HeadShape) -> Variant:
+    import torch  # the peer; imported only when asked for
+
+    q, k, v, dout = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous()
+                     for x in inputs)  # [B, H, N, D]
+    for x in (q, k, v):
+        x.requires_grad_(True)
+
+    def run():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=hs.hkv != hs.hq)
+        out.backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    return Variant("torch", run)
+
+
+def _attention_case(n: int, hs: HeadShape, config) -> dict[str, Any]:
+    group = max(2, round(n * config.group_ratio) // 2 * 2)
+    rng = np.random.default_rng(0)
+    inputs = [jnp.asarray(rng.standard_normal((config.batch, n, h, hs.d)), jnp.float32)
+              for h in (hs.hq, hs.hkv, hs.hkv, hs.hq)]
+    budget = int(config.memory_budget_gb * 2**30)
+    variants = [
+        _jax_variant("s2", lambda q, k, v: attention.s2_attention(q, k, v, group_size=group),
+                     inputs, budget),
+        _jax_variant("full", lambda q, k, v: attention.causal_attention(q, k, v), inputs, budget),
+    ]
+    if config.torch:
+        variants.append(_torch_variant(inputs, hs))
+    time_round_robin([v for v in variants if v.run is not None], config)
+    by_name = {v.name: v for v in variants}
+    row: dict[str, Any] = {"N": n, "heads": str(hs), "G": group}
+    for v in variants:
+        row[f"{v.name} s"] = min(v.seconds) if v.seconds else v.skipped
+        if v.flops is not None:
+            row[f"{v.name} GFLOP"] = v.flops / 1e9
+        if v.temp_bytes is not None:
+            row[f"{v.name} temp MiB"] = v.temp_bytes / 2**20
+    s2 = by_name["s2"]
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    for other in ("full", "torch"):
+        if other in by_name and s2.seconds and by_name[other].seconds:
+            row[f"S2 speedup vs {other}"] = min(by_name[other].seconds) / min(s2.seconds)
+    row["FLOPs S2/full"] = ratio(s2.flops, by_name["full"].flops)
+    row["temp S2/full"] = ratio(s2.temp_bytes, by_name["full"].temp_bytes)
+    return row
+
+
+_ATTENTION_COLUMNS = (
+    "N", "heads", "G", "s2 s", "full s", "torch s", "S2 speedup vs full", "S2 speedup vs torch",
+    "FLOPs S2/full", "temp S2/full", "s2 GFLOP", "full GFLOP", "s2 temp MiB", "full temp MiB",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """lengths, heads ("HqxD/Hkv", e.g. SmolLM2's 9x64/3), group_ratio (G / N), batch,
+    memory_budget_gb (variants whose compiled temporaries exceed it are not timed), quick
+    (N 2048,8192 and heads 9x64/3, 2 repeats), and the timing settings (`common`)."""
+    c = timing_config(max_seconds=60.0)
+    c.lengths = (2048, 8192, 16384)
+    c.heads = ("9x64/3", "32x128")
+    c.group_ratio = 0.25
+    c.batch = 1
+    c.memory_budget_gb = 0.4 * physical_memory_bytes() / 2**30
+    c.quick = False
+    return c
+
+
+def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """S2 vs full vs torch SDPA, fwd+bwd, fp32, for each length x head shape."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.quick:
+        config.lengths, config.heads, config.repeats = (2048, 8192), ("9x64/3",), 2
+    rows = []
+    for hs in map(HeadShape.parse, config.heads):
+        for n in config.lengths:
+            rows.append(_attention_case(n, hs, config))
+            print(f"done N={n} heads={hs}", flush=True)
+    meta = {"command": "attention", "group_ratio": config.group_ratio, "batch": config.batch,
+            "repeats": config.repeats, "dtype": "float32",
+            "timing": "min wall seconds of forward+backward, variants interleaved"}
+    report(rows, _ATTENTION_COLUMNS, config.json, meta)
+    return rows

@@ -1,0 +1,122 @@
+"""The LongLoRA train step vs transformers + PEFT: `python -m longlora_jax.bench train`.
+
+Our jitted step (S2-Attn G = N/4, LoRA+ r=8, chunked cross-entropy, AdamW) on a random
+SmolLM2-shaped model against transformers' LLaMA (SDPA) + PEFT LoRA with trainable embeddings
+and norms, gradient checkpointing and torch AdamW: batch 1, fp32, same process, interleaved,
+min of the timed steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from longlora_jax.benchmarks.common import Variant, report, time_round_robin, timing_config
+from longlora_jax.io.base import init_variables
+from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.parallel.mesh import single_device_mesh
+from longlora_jax.training.optim import default_optim_config
+from longlora_jax.training.step import StepOptions, build_train_setup, init_state
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """lengths, layers (SmolLM2-shaped), remat (ours; "none" is the demo's, the peer always
+    checkpoints), group_ratio (G / N), loss_chunk, and the timing settings (`common`)."""
+    c = timing_config(max_seconds=120.0)
+    c.lengths = (2048, 8192)
+    c.layers = 4
+    c.remat = "none"
+    c.group_ratio = 0.25
+    c.loss_chunk = 1024
+    return c
+
+def _train_step_variant(n: int, config) -> Variant:
+    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape."""
+    cfg = LlamaConfig.preset(
+        "smollm2-135m", num_hidden_layers=config.layers, scan_layers=True,
+        remat_policy=config.remat, attention_train="s2", s2_group_size_ratio=config.group_ratio,
+        lora_rank=8, lora_alpha=16.0, max_position_embeddings=max(n, 8192),
+    )
+    setup = build_train_setup(
+        LlamaForCausalLM(cfg), single_device_mesh(), mode="lora_plus",
+        optim_cfg=default_optim_config(), options=StepOptions(loss_chunk=config.loss_chunk),
+        frozen_dtype="float32",
+    )
+    variables = init_variables(setup.model, setup.variable_shardings, jax.random.key(0))
+    state, frozen = init_state(setup, variables, jax.random.key(1))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n + 1), dtype=np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": np.ones((1, n), np.float32), "segment_ids": np.ones((1, n), np.int32),
+             "positions": np.arange(n, dtype=np.int32)[None]}
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = setup.step_fn(holder["state"], frozen, batch)
+        jax.block_until_ready(metrics)
+
+    return Variant("longlora_jax", run)
+
+
+def _hf_peft_variant(n: int, config) -> Variant:
+    """transformers LLaMA (SDPA) + PEFT LoRA with trainable embeddings and norms (the
+    official LongLoRA recipe), gradient checkpointing, torch AdamW: the PyTorch peer."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig.preset("smollm2-135m", num_hidden_layers=config.layers,
+                                max_position_embeddings=max(n, 8192)).to_hf()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj",
+                                                              "o_proj"]))
+    for name, param in model.named_parameters():  # LoRA+: embeddings and norms train too
+        if "embed" in name or "norm" in name:
+            param.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    ids = torch.from_numpy(
+        np.random.default_rng(0).integers(0, hf_cfg["vocab_size"], (1, n), dtype=np.int64))
+
+    def run():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Variant("hf_peft", run)
+
+
+def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Training-step throughput: our LongLoRA step vs transformers + PEFT, same shapes."""
+    rows = []
+    for n in config.lengths:
+        variants = [_train_step_variant(n, config)]
+        if config.torch:
+            variants.append(_hf_peft_variant(n, config))
+        time_round_robin(variants, config)
+        row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.remat}
+        for v in variants:
+            row[f"{v.name} s/step"] = min(v.seconds)
+            row[f"{v.name} tokens/s"] = n / min(v.seconds)
+        if len(variants) == 2:
+            row["speedup"] = min(variants[1].seconds) / min(variants[0].seconds)
+        rows.append(row)
+        print(f"done N={n}", flush=True)
+    meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
+            "mode": "lora_plus r=8", "attention": f"S2 G=N*{config.group_ratio} vs HF SDPA full",
+            "timing": "min wall seconds of a full optimizer step, variants interleaved"}
+    report(rows, _TRAIN_COLUMNS, config.json, meta)
+    return rows
+
+
+_TRAIN_COLUMNS = ("N", "layers", "remat", "longlora_jax s/step", "hf_peft s/step",
+                  "longlora_jax tokens/s", "hf_peft tokens/s", "speedup")

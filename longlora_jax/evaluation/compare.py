@@ -1,0 +1,165 @@
+"""Evaluate models side by side at several context lengths: `python -m longlora_jax.evaluate`.
+
+Each model (a training workdir, or a base: smollm2 | hf:DIR | gguf:FILE | preset:NAME) is
+evaluated with each RoPE variant of `rope` (`base` = as loaded or trained; `default` = plain
+RoPE; `linear:F`, `dynamic:F`, `yarn:F`) on the held-out documents of `data` (the same data
+section as training's; offline sources use their held-out documents) at every length:
+perplexity with full attention (`evaluation.perplexity`) and, with `passkey > 0`, passkey
+retrieval (`evaluation.passkey`). Every length must fit the model's (scaled) context window
+unless `allow_beyond_context`, which is how an unextended model's degradation is shown.
+`out` receives results.json, results.md and the plots (`evaluation.report`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Callable
+
+import ml_collections
+
+from longlora_jax.data.config import EVAL_SOURCES, check_data_config, default_data_config
+from longlora_jax.data.eval_data import PROTOCOLS, eval_documents
+from longlora_jax.errors import ConfigError
+from longlora_jax.evaluation.passkey import passkey_accuracy
+from longlora_jax.evaluation.perplexity import documents_for, make_eval_fn, perplexity
+from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
+from longlora_jax.io.base import shard_variables
+from longlora_jax.io.run import load_model
+from longlora_jax.modeling.config import LlamaConfig, parse_rope, rope_name
+from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.parallel.mesh import DATA, MESH_AXES, SEQUENCE, make_mesh
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The evaluation settings.
+
+    models            models to compare (a tuple; `--model a --model b` accumulates)
+    rope              RoPE variants each model is evaluated with (base | default | linear:F |
+                      dynamic:F | yarn:F); a variant equal to one listed before is skipped
+    lengths           context lengths (tokens)
+    protocol          "nonoverlap" | "official" (windows every `stride` tokens, as eval.py)
+    max_windows       windows per length over all documents (0 = all)
+    batch             windows (passkey prompts) per forward
+    perplexity        measure perplexity (false: passkey only)
+    passkey           passkey-retrieval trials per length (0 = none)
+    allow_beyond_context  evaluate lengths beyond a model's (scaled) context window
+    data.*            the documents (see `data.config.default_data_config`; held-out split)
+    max_docs          first N documents (0 = all)
+    dtype             weights and compute dtype
+    mesh.*            device mesh (sequence > 1: sequence-sharded evaluation)
+    prefill_chunk     tokens per KV-cache chunk for long windows (0 = one forward)
+    loss_chunk        tokens per chunk of the cross-entropy
+    seed              passkey keys and depths; the init of a preset base
+    out               directory for results.json/.md and the plots ("" = print only)
+    """
+    c = ml_collections.ConfigDict()
+    c.models = ("smollm2",)
+    c.rope = ("base",)
+    c.lengths = (2048, 4096, 8192)
+    c.protocol = "nonoverlap"
+    c.stride = 256
+    c.max_windows = 4
+    c.batch = 1
+    c.perplexity = True
+    c.passkey = 0
+    c.allow_beyond_context = False
+    c.data = default_data_config()
+    c.data.source = "offline_books"
+    c.data.tfds_split = "test"
+    c.max_docs = 0
+    c.dtype = "float32"
+    c.mesh = ml_collections.ConfigDict({**dict.fromkeys(MESH_AXES, 1), DATA: -1})
+    c.prefill_chunk = 2048
+    c.loss_chunk = 1024
+    c.seed = 0
+    c.out = ""
+    return c
+
+
+def _check(config: ml_collections.ConfigDict) -> list[int]:
+    lengths = sorted(set(config.lengths))
+    if not lengths or lengths[0] < 2:
+        raise ConfigError(f"lengths {tuple(config.lengths)}: need integers >= 2, e.g. 2048,4096")
+    if config.protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={config.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if not config.models:
+        raise ConfigError("models is empty; name at least one (--model smollm2)")
+    if not config.perplexity and not config.passkey:
+        raise ConfigError("nothing to evaluate: perplexity is off and passkey is 0")
+    if config.data.source not in EVAL_SOURCES:
+        raise ConfigError(f"data.source={config.data.source!r}; valid for evaluation: "
+                          f"{', '.join(EVAL_SOURCES)}")
+    check_data_config(config.data, for_eval=True)
+    return lengths
+
+
+def check_lengths(cfg: LlamaConfig, lengths: list[int], name: str, *, allow: bool) -> None:
+    """ConfigError when a length exceeds the model's context window (unless `allow`)."""
+    beyond = [n for n in lengths if n > cfg.context_window]
+    if beyond and not allow:
+        raise ConfigError(
+            f"lengths {beyond} exceed the context window {cfg.context_window} of {name}; "
+            "evaluate with a rope variant that covers them or set allow_beyond_context")
+
+
+def evaluate_models(config: ml_collections.ConfigDict,
+                    log: Callable[[str], None] = print) -> list[ModelResult]:
+    """Every (model, RoPE variant) over the lengths (see the module docstring)."""
+    lengths = _check(config)
+    ropes = [parse_rope(text) for text in config.rope]
+    mesh = make_mesh(dict(config.mesh))
+    results = []
+    for source in config.models:
+        base = load_model(source, dtype=config.dtype, seed=config.seed)
+        variants: list[tuple[LlamaConfig, str]] = []
+        for rope in ropes:
+            cfg = base.cfg.with_rope(rope)
+            if any(cfg.rope_scaling == seen.rope_scaling for seen, _ in variants):
+                continue  # e.g. linear:4 on a run trained with PI x4: the same model as base
+            label = rope_name(cfg.rope_scaling)
+            name = base.name if rope is None else f"{base.name} (rope {label})"
+            check_lengths(cfg, lengths, name, allow=config.allow_beyond_context)
+            variants.append((cfg, name))
+        all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
+            if config.perplexity else []
+        for cfg, name in variants:
+            result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
+                                 [(d.name, len(d.tokens)) for d in all_docs])
+            variables = shard_variables(cfg, base.variables, mesh)
+            eval_fn = make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=config.loss_chunk,
+                                   prefill_chunk=config.prefill_chunk)
+            for n in lengths:
+                if config.perplexity:
+                    docs = documents_for(all_docs, n, config.protocol, config.stride)
+                    start = time.perf_counter()
+                    ppl = perplexity(eval_fn, variables, docs, seq_len=n,
+                                     protocol=config.protocol, stride=config.stride,
+                                     batch_size=config.batch, max_windows=config.max_windows)
+                    ppl["seconds"] = time.perf_counter() - start
+                    result.perplexity[n] = ppl
+                    log(f"{name} | {n} tokens | ppl {ppl['ppl']:.3f} over {ppl['windows']} "
+                        f"windows ({ppl['seconds']:.0f}s)")
+                if config.passkey:
+                    prefill = 0 if mesh.shape[SEQUENCE] > 1 else config.prefill_chunk
+                    pk = passkey_accuracy(cfg, variables, base.tokenizer, n,
+                                          trials=config.passkey, seed=config.seed,
+                                          batch=config.batch, add_bos=config.data.add_bos,
+                                          prefill_chunk=prefill)
+                    result.passkey[n] = pk
+                    log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")
+            results.append(result)
+    return results
+
+
+def evaluate(config: ml_collections.ConfigDict) -> list[ModelResult]:
+    """`evaluate_models`, its markdown printed and (with `out`) its files written."""
+    results = evaluate_models(config)
+    settings = {**config.to_dict(), "data": config.data.source,
+                "data_config": config.data.to_dict()}
+    lengths = sorted(set(config.lengths))
+    print(markdown(results, lengths, settings))
+    if config.out:
+        write_outputs(pathlib.Path(config.out), results, lengths, settings)
+        print(f"wrote {config.out}/results.json, results.md and plots")
+    return results

@@ -1,0 +1,85 @@
+"""An evaluation's results: one row per (model, RoPE variant), written as JSON, markdown, PNG.
+
+    OUT/results.json        settings + every model's perplexity/passkey by length
+    OUT/results.md          a perplexity and a passkey table, lengths as columns
+    OUT/ppl_vs_length.png, OUT/passkey_vs_length.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from longlora_jax.evaluation import plots
+
+
+@dataclasses.dataclass
+class ModelResult:
+    """One evaluated (model, RoPE variant): its perplexity and passkey results by length, and
+    the evaluation documents as [name, tokens]."""
+
+    name: str
+    source: str
+    rope: str
+    context_window: int
+    documents: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    perplexity: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    passkey: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+def markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: dict) -> str:
+    """results.md: a perplexity and a passkey table (those that ran), lengths as columns."""
+    head = ["| model | rope | window | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|---|---:|" + "---:|" * len(lengths)]
+
+    def rows(cell: Callable[[ModelResult, int], str]) -> list[str]:
+        return [f"| {r.name} | {r.rope} | {r.context_window} | "
+                + " | ".join(cell(r, n) for n in lengths) + " |" for r in results]
+
+    def ppl_cell(r: ModelResult, n: int) -> str:
+        if n not in r.perplexity:
+            return ""
+        return _fmt(r.perplexity[n]["ppl"]) + ("*" if n > r.context_window else "")
+
+    def passkey_cell(r: ModelResult, n: int) -> str:
+        return f"{r.passkey[n]['accuracy']:.2f}" if n in r.passkey else ""
+
+    sections = []
+    if any(r.perplexity for r in results):
+        counts = {n: int(p["windows"]) for r in results for n, p in r.perplexity.items()}
+        beyond = any(n > r.context_window for r in results for n in r.perplexity)
+        sections.append([
+            f"## Perplexity ({settings['protocol']} windows, data {settings['data']})", "",
+            *head, *rows(ppl_cell), "",
+            ("\\* beyond the model's context window. " if beyond else "")
+            + "Windows per length: "
+            + ", ".join(f"{n}: {counts[n]}" for n in lengths if n in counts) + "."])
+    if any(r.passkey for r in results):
+        sections.append([f"## Passkey retrieval ({settings['passkey']} trials per length)", "",
+                         *head, *rows(passkey_cell)])
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def write_outputs(out: pathlib.Path, results: Sequence[ModelResult], lengths: Sequence[int],
+                  settings: dict) -> None:
+    """results.json, results.md, ppl_vs_length.png and (with passkey) passkey_vs_length.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "models": [dataclasses.asdict(r) for r in results]}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, lengths, settings))
+    windows = {r.name: r.context_window for r in results}
+    if any(r.perplexity for r in results):
+        plots.perplexity_plot({r.name: {n: p["ppl"] for n, p in r.perplexity.items()}
+                               for r in results}, out / "ppl_vs_length.png", windows=windows,
+                              title=f"Perplexity vs context length ({settings['data']})")
+    if any(r.passkey for r in results):
+        plots.passkey_plot({r.name: {n: p["accuracy"] for n, p in r.passkey.items()}
+                            for r in results}, out / "passkey_vs_length.png", windows=windows,
+                           title="Passkey retrieval vs context length")

@@ -1,0 +1,2 @@
+"""Inference: KV-cache decoding (`decode`), prompt templates (`prompts`), streaming answers
+(`chat`)."""

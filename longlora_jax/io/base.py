@@ -1,0 +1,177 @@
+"""Where a run's frozen base model and its tokenizer come from, each named by one string.
+
+Bases (`model.base`):
+    "smollm2"        the offline SmolLM2-135M-Instruct GGUF asset (`data.assets`)
+    "hf:DIR"         an HF checkpoint directory (config.json + safetensors)
+    "gguf:FILE"      a LLaMA GGUF file
+    "preset:NAME"    random initialisation of a `LlamaConfig` preset, from the run's seed
+
+Tokenizers (`model.tokenizer`): "auto" (the base's own: the HF directory's or the GGUF
+metadata's), "bytes" (a 256-symbol byte tokenizer, for random-init models), "hf:DIR" (any HF
+tokenizer directory) or "llama2" (the offline LLaMA-2-layout SentencePiece model).
+Checkpoints store these strings, never the weights of the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from transformers import AutoTokenizer, LlamaTokenizer
+
+from longlora_jax.data import assets
+from longlora_jax.data.tokenizer import ByteTokenizer
+from longlora_jax.errors import ConfigError
+from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer, read_gguf_config
+from longlora_jax.io.hf import load_pretrained
+from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.parallel import rules
+
+BASE_KINDS = ("smollm2", "hf:DIR", "gguf:FILE", "preset:NAME")
+TOKENIZERS = ("auto", "bytes", "llama2", "hf:DIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSpec:
+    """A parsed base-model string: kind in {"asset", "hf", "gguf", "preset"} and its location."""
+
+    kind: str
+    location: str
+
+    @classmethod
+    def parse(cls, spec: str) -> BaseSpec:
+        if spec == "smollm2":
+            return cls("asset", "smollm2")
+        kind, sep, location = spec.partition(":")
+        if not sep or kind not in ("hf", "gguf", "preset") or not location:
+            raise ConfigError(f"model.base={spec!r}; valid forms: {', '.join(BASE_KINDS)}")
+        if kind in ("hf", "gguf"):
+            location = os.path.abspath(os.path.expanduser(location))
+        return cls(kind, location)
+
+    def __str__(self) -> str:
+        return "smollm2" if self.kind == "asset" else f"{self.kind}:{self.location}"
+
+    @property
+    def is_hf(self) -> bool:
+        return self.kind == "hf"
+
+    def gguf_path(self) -> str:
+        return str(assets.smollm2_gguf()) if self.kind == "asset" else self.location
+
+
+def is_base_spec(source: str) -> bool:
+    """Whether `source` names a base model (rather than a training workdir)."""
+    return source == "smollm2" or source.startswith(("hf:", "gguf:", "preset:"))
+
+
+def base_config(spec: BaseSpec, overrides: Mapping[str, Any] | None = None) -> LlamaConfig:
+    """The base architecture (reads config.json or GGUF metadata only, no weights)."""
+    overrides = dict(overrides or {})
+    if spec.kind == "preset":
+        return LlamaConfig.preset(spec.location, **overrides)
+    if spec.kind == "hf":
+        return LlamaConfig.from_hf(spec.location, **overrides)
+    return read_gguf_config(spec.gguf_path(), config_overrides=overrides)
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The PRNG keys a run derives from its seed (random base, LoRA init, dropout)."""
+    base, lora, state = jax.random.split(jax.random.key(seed), 3)
+    return {"base": base, "lora": lora, "state": state}
+
+
+def abstract_variables(model: nn.Module) -> dict[str, Any]:
+    """The model's variables as boxed ShapeDtypeStructs (logical names kept; no memory)."""
+    ids = np.zeros((1, 8), np.int32)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), ids)
+
+
+def variable_shardings(model: nn.Module, mesh: Mesh) -> dict[str, Any]:
+    """NamedShardings of every variable of `model` on `mesh`, from the logical-axis table."""
+    return rules.tree_shardings(mesh, abstract_variables(model))
+
+
+def init_variables(model: nn.Module, shardings: Mapping[str, Any], rng: jax.Array, *,
+                   only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Randomly initialised variables, placed by `shardings` ({collection: tree}).
+
+    only: the collections to create, e.g. ("lora",) to add fresh adapters to a loaded base
+    without materialising a random copy of the base weights (XLA drops what is not returned).
+    """
+    keep = tuple(shardings) if only is None else tuple(only)
+
+    def init(key):
+        variables = nn.unbox(model.init(key, np.zeros((1, 8), np.int32), train=False))
+        return {k: v for k, v in variables.items() if k in keep}
+
+    return jax.jit(init, out_shardings={k: shardings[k] for k in keep})(rng)
+
+
+def load_base_params(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
+                     shardings: Any) -> dict[str, Any]:
+    """The frozen base `params` for `cfg`'s layout, stored as `dtype`, placed by `shardings`.
+
+    A "preset" base is initialised from `run_keys(seed)["base"]`, as its run did.
+    """
+    arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype")}
+    if spec.kind == "preset":  # initialised in fp32 and then cast, whatever `dtype`
+        params = init_variables(LlamaForCausalLM(cfg.replace(param_dtype="float32")),
+                                {"params": shardings}, run_keys(seed)["base"],
+                                only=("params",))["params"]
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    if spec.kind == "hf":
+        _, params = load_pretrained(spec.location, dtype=dtype, shardings=shardings,
+                                    config_overrides=arch)
+    else:
+        _, params = load_gguf(spec.gguf_path(), dtype=dtype, shardings=shardings,
+                              config_overrides=arch)
+    return params
+
+
+def initial_variables(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
+                      shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's starting variables: the base (loaded, or from the seed) plus fresh LoRA factors.
+
+    shardings: {collection: tree of shardings} (`variable_shardings`).
+    """
+    variables = {"params": load_base_params(spec, cfg, seed=seed, dtype=dtype,
+                                            shardings=shardings["params"])}
+    if cfg.lora_rank:
+        variables.update(init_variables(LlamaForCausalLM(cfg), shardings, run_keys(seed)["lora"],
+                                        only=("lora",)))
+    return variables
+
+
+def shard_variables(cfg: LlamaConfig, variables: Mapping[str, Any], mesh: Mesh) -> dict:
+    """`variables` placed on `mesh` by the logical-axis table (a no-op where already so)."""
+    shardings = variable_shardings(LlamaForCausalLM(cfg), mesh)
+    return {k: jax.device_put(v, shardings[k]) for k, v in variables.items()}
+
+
+def load_tokenizer(tokenizer: str, spec: BaseSpec):
+    """A tokenizer with `encode(text) -> ids` and `eos_token_id` (see `data.tokenizer`)."""
+    if tokenizer == "bytes":
+        return ByteTokenizer()
+    if tokenizer == "llama2":
+        return LlamaTokenizer.from_pretrained(str(assets.llama2_tokenizer_model().parent))
+    if tokenizer.startswith("hf:"):
+        return AutoTokenizer.from_pretrained(tokenizer[3:], local_files_only=True)
+    if tokenizer != "auto":
+        raise ConfigError(f"model.tokenizer={tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
+    if spec.kind == "hf":
+        return AutoTokenizer.from_pretrained(spec.location, local_files_only=True)
+    if spec.kind in ("asset", "gguf"):
+        return load_gguf_tokenizer(spec.gguf_path())
+    raise ConfigError(
+        f"model.tokenizer='auto' needs a base with a tokenizer, but {spec} is a random init; "
+        "set model.tokenizer to 'bytes', 'llama2' or 'hf:DIR'"
+    )

@@ -1,0 +1,196 @@
+"""A training run's directory, read without any training machinery, and the one model loader.
+
+    WORKDIR/checkpoints/<step>/trainable   the trainable leaves (fp32): LoRA factors, and for
+                                           LoRA+ the embeddings and norms (all of them: full)
+    WORKDIR/checkpoints/<step>/optimizer   optimizer state, step count and dropout key
+    WORKDIR/checkpoints/<step>/data        grain iterator state, one JSON file per process
+    WORKDIR/checkpoints/<step>/meta        JSON: the model config, the trainable mode, the
+                                           base and tokenizer strings, the seed, the run config
+
+`training.checkpoint` writes them; evaluation, generation and export read a run through
+`load_run` here, which restores the trainable leaves alone and rebuilds the frozen base from
+what `meta` names: no optimizer is built and its state is never read. Orbax writes each step
+into a temporary directory and renames it when complete, so only finished steps are listed.
+
+`load_model(source)` loads any model the commands take: a base ("smollm2", "hf:DIR",
+"gguf:FILE", "preset:NAME"; see `io.base`) or a training workdir (the base plus the trained
+leaves; LoRA factors stay in the `lora` collection and are applied on the fly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from longlora_jax.errors import CheckpointError, first_line
+from longlora_jax.io.base import (
+    BaseSpec,
+    abstract_variables,
+    base_config,
+    is_base_spec,
+    load_base_params,
+    load_tokenizer,
+)
+from longlora_jax.modeling.config import LlamaConfig, RopeScaling
+from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import single_device_mesh
+
+CHECKPOINTS = "checkpoints"
+TRAINABLE, OPTIMIZER, DATA, META = "trainable", "optimizer", "data", "meta"
+
+
+def checkpoint_manager(workdir: str | pathlib.Path, *, keep: int | None = None,
+                       async_save: bool = False) -> ocp.CheckpointManager:
+    """The orbax manager of `workdir/checkpoints` with this layout's four items."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / CHECKPOINTS,
+        options=options,
+        item_handlers={
+            TRAINABLE: ocp.StandardCheckpointHandler(),
+            OPTIMIZER: ocp.StandardCheckpointHandler(),
+            DATA: grain.checkpoint.CheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The `meta` item of checkpoint `step`."""
+    return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+
+def newest_readable_meta(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any]] | None:
+    """(step, meta) of the newest checkpoint whose meta reads; an unreadable one is reported
+    and skipped (it stays on disk). None when there is no checkpoint."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, read_meta(manager, step)
+        except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+            print(f"warning: metadata of checkpoint {manager.directory / str(step)} is "
+                  f"unreadable ({first_line(err)}); using the previous one", flush=True)
+    return None
+
+
+def trainable_abstract(cfg: LlamaConfig, mode: str, shardings: Any) -> tuple[Any, Any]:
+    """(labels, abstract trainable subtree in fp32 placed by `shardings`) of a run's model."""
+    boxed = abstract_variables(LlamaForCausalLM(cfg))
+    labels = trainable_labels(boxed, mode)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s),
+                            nn.unbox(boxed), shardings)
+    trainable, _ = split_trainable(abstract, labels)
+    return labels, trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run read from its workdir: cfg (as trained), variables {"params", "lora"?}, meta."""
+
+    cfg: LlamaConfig
+    variables: dict[str, Any]
+    meta: dict[str, Any]
+    step: int
+
+    @property
+    def base(self) -> BaseSpec:
+        return BaseSpec.parse(self.meta["base"])
+
+    @property
+    def mode(self) -> str:
+        return self.meta["mode"]
+
+
+def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
+             dtype: str = "float32") -> Run:
+    """A training run's model on this process's first device (base + trained leaves).
+
+    The frozen base is rebuilt from what the checkpoint's meta names (loaded as `dtype`, or
+    re-initialised from the run's seed for a preset); the trainable leaves (fp32) come from
+    the checkpoint. `step` defaults to the newest checkpoint. CheckpointError when the
+    workdir has no such checkpoint.
+    """
+    workdir = pathlib.Path(workdir)
+    manager = checkpoint_manager(workdir)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"no finished checkpoint in {workdir / CHECKPOINTS}")
+        if step is None:
+            found = newest_readable_meta(manager)
+            if found is None:
+                raise CheckpointError(f"no checkpoint with readable metadata in "
+                                      f"{workdir / CHECKPOINTS}")
+            step, meta = found
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {workdir / CHECKPOINTS}; "
+                                  f"available: {steps}")
+        else:
+            meta = read_meta(manager, step)
+        if "model" not in meta:
+            raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was written by "
+                                  "an older longlora_jax (its meta has no model config)")
+        cfg = LlamaConfig.from_dict(meta["model"])
+        mesh = single_device_mesh()
+        shardings = rules.tree_shardings(mesh, abstract_variables(LlamaForCausalLM(cfg)))
+        labels, abstract = trainable_abstract(cfg, meta["mode"], shardings)
+        trainable = manager.restore(step, args=ocp.args.Composite(
+            **{TRAINABLE: ocp.args.StandardRestore(abstract)}))[TRAINABLE]
+    finally:
+        manager.close()
+    params = load_base_params(BaseSpec.parse(meta["base"]), cfg, seed=meta["seed"],
+                              dtype=dtype, shardings=shardings["params"])
+    _, frozen = split_trainable({"params": params}, labels)
+    return Run(cfg.replace(dtype=dtype), merge_trees(trainable, frozen), meta, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """name (for tables and plots), cfg, variables {"params", "lora"?}, tokenizer."""
+
+    name: str
+    cfg: LlamaConfig
+    variables: dict[str, Any]
+    tokenizer: Any
+
+
+def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "float32",
+               seed: int = 0) -> LoadedModel:
+    """Loads `source` (see the module docstring) on one device, weights as `dtype`.
+
+    rope: a RoPE scaling to run with instead of the model's own (`modeling.config.parse_rope`;
+    None keeps it). Bases are loaded with scanned layers (one compiled layer: fast compiles);
+    a preset base is a random init from `seed` with the byte tokenizer. CheckpointError for a
+    path that is neither a base nor a workdir with checkpoints.
+    """
+    if is_base_spec(source):
+        spec = BaseSpec.parse(source)
+        overrides = {"scan_layers": True, "dtype": dtype}
+        if spec.kind == "preset":
+            cfg = LlamaConfig.preset(spec.location, **overrides)
+            tokenizer = load_tokenizer("bytes", spec)
+        else:
+            cfg = base_config(spec, overrides)
+            tokenizer = load_tokenizer("auto", spec)
+        mesh = single_device_mesh()
+        shardings = rules.tree_shardings(mesh, abstract_variables(LlamaForCausalLM(cfg)))
+        params = load_base_params(spec, cfg, seed=seed, dtype=dtype,
+                                  shardings=shardings["params"])
+        return LoadedModel(str(spec), cfg.with_rope(rope), {"params": params}, tokenizer)
+    workdir = pathlib.Path(source)
+    if not workdir.is_dir():
+        raise CheckpointError(
+            f"model {source!r} is neither a training workdir nor a base "
+            "(smollm2 | hf:DIR | gguf:FILE | preset:NAME)")
+    run = load_run(workdir, dtype=dtype)
+    tokenizer = load_tokenizer(run.meta["tokenizer"], run.base)
+    return LoadedModel(workdir.name, run.cfg.with_rope(rope), run.variables, tokenizer)
