@@ -2,9 +2,9 @@
 
     python -m longlora_jax.train --config configs/llama2_13b_65k.py[:gpu] --workdir W \
         --config.model.base=hf:Llama-2-13b-hf
-    python -m longlora_jax.aot --config configs/llama2_13b_65k.py --topology v4-8
+    python -m longlora_jax.aot --config configs/llama2_13b_65k.py          # its slice: v4-8
 
-Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"sequence": 4},
+Variants (see `longlora_jax.training.recipes`): "tpu" (default) TPU v4-8, mesh {"sequence": 4},
 micro-batch 1; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 2, "sequence": 4},
 micro-batch 2. Global batch 64 either way (gradient accumulation).
 """
@@ -15,6 +15,6 @@ from longlora_jax.training.recipes import Layout, longlora
 def get_config(variant: str = "tpu"):
     return longlora(
         "llama2-13b", 65_536, variant,
-        tpu=Layout({"sequence": 4}, micro_batch=1),
+        tpu=Layout({"sequence": 4}, micro_batch=1, topology="v4-8"),
         gpu=Layout({"fsdp": 2, "sequence": 4}, micro_batch=2),
     )

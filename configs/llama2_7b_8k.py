@@ -2,9 +2,9 @@
 
     python -m longlora_jax.train --config configs/llama2_7b_8k.py[:gpu] --workdir W \
         --config.model.base=hf:Llama-2-7b-hf
-    python -m longlora_jax.aot --config configs/llama2_7b_8k.py --topology v4-8
+    python -m longlora_jax.aot --config configs/llama2_7b_8k.py          # its slice: v4-8
 
-Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"fsdp": 4},
+Variants (see `longlora_jax.training.recipes`): "tpu" (default) TPU v4-8, mesh {"fsdp": 4},
 micro-batch 4; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8},
 micro-batch 8. Global batch 64 either way (gradient accumulation).
 """
@@ -15,6 +15,6 @@ from longlora_jax.training.recipes import Layout, longlora
 def get_config(variant: str = "tpu"):
     return longlora(
         "llama2-7b", 8_192, variant,
-        tpu=Layout({"fsdp": 4}, micro_batch=4),
+        tpu=Layout({"fsdp": 4}, micro_batch=4, topology="v4-8"),
         gpu=Layout({"fsdp": 8}, micro_batch=8),
     )

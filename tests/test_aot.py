@@ -229,7 +229,10 @@ def test_paper_config(name, variant):
     path = os.path.join(REPO_ROOT, "configs", f"{name}.py")
     config = train_config(f"{path}:{variant}")
     assert config.seq_len == seq_len
-    assert (config.optim.lr, config.lora.rank, config.lora.mode) == (2e-5, 8, "lora_plus")
+    lr = 1e-5 if name.startswith("llama2_70b") else 2e-5  # the paper, section 4.1
+    assert (config.optim.lr, config.lora.rank, config.lora.mode) == (lr, 8, "lora_plus")
+    assert config.model.tokenizer == "auto"  # a real base's own tokenizer
+    assert config.aot.topology == (topology if variant == "tpu" else "")
     assert (config.attention.train, config.attention.group_size_ratio) == ("s2", 0.25)
     assert config.batch.global_batch == 64 and config.model.frozen_dtype == "bfloat16"
     devices = parse_topology(topology).chips if variant == "tpu" else 8

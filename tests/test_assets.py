@@ -134,14 +134,14 @@ def test_books_are_the_six_novels():
     assert "Emma Woodhouse, handsome, clever, and rich" in by_title["Emma"]
 
 
-def _llama_tokenizer():
+def _mistral_tokenizer():
     transformers = pytest.importorskip("transformers")
     return transformers.LlamaTokenizer.from_pretrained(
-        str(assets.llama2_tokenizer_model().parent))
+        str(assets.mistral_tokenizer_model().parent))
 
 
-def test_llama2_tokenizer_layout_and_book_lengths():
-    tok = _llama_tokenizer()
+def test_mistral_tokenizer_layout_and_book_lengths():
+    tok = _mistral_tokenizer()
     assert len(tok) == 32000 and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert tok.convert_ids_to_tokens(tok.encode("龘", add_special_tokens=False))[-3:] == [
         "<0xE9>", "<0xBE>", "<0x98>"]  # byte fallback for a character not in the vocabulary

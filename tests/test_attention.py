@@ -1,5 +1,6 @@
 """S2-Attn and causal attention against an independent numpy per-head, per-group loop."""
 
+import itertools
 import math
 
 import jax
@@ -258,3 +259,84 @@ def test_model_s2_wrap_lets_the_first_tokens_see_the_last(tiny_model_logits):
     np.testing.assert_allclose(wrapped[:, 16:], unwrapped[:, 16:], atol=1e-5)
     per_position = np.abs(np.asarray(wrapped - unwrapped)).max(axis=(0, 2))
     assert (per_position[:8] > 1e-3).all()
+
+
+# ----------------------------------------------------------------------------- SFT group rule
+
+
+def official_sft_segments(length: int, block: int, sft_group: int) -> tuple[int, list, list]:
+    """The official llama_attn_replace_sft.py, restated: for an unpadded example of `length`
+    tokens, G = length / 4 if length % block == 0 else sft_group; flash-attention varlen
+    segments from cu_seqlens = [0, G, 2G, ...] (first half of the heads) and [G/2, 3G/2, ...]
+    (second half; starts >= length dropped), each ending at the example's end."""
+    group = int(length * 0.25) if length % block == 0 else sft_group
+    starts = list(range(0, length, group))
+    shifted = [s + group // 2 for s in starts if s + group // 2 < length]
+
+    def segments(bounds):
+        edges = [*bounds, length]
+        return [list(range(a, b)) for a, b in itertools.pairwise(edges) if b > a]
+
+    return group, segments(starts), segments([0, *shifted])
+
+
+@pytest.mark.parametrize("length", [4095, 4096, 4097, 8191, 8192, 8193, 12288, 16383, 16384, 100])
+def test_sft_group_rule_is_the_official_one(length):
+    official_group, _, _ = official_sft_segments(length, 4096, 8192)
+    assert attention.longlora_sft_group(length) == official_group
+    assert attention.longlora_sft_group(length) in attention.sft_group_choices(16384)
+
+
+def test_sft_rows_attend_like_the_official_varlen_segments(monkeypatch):
+    """Per-row groups, rows padded to N: each row's real tokens attend exactly within the
+    official segments of its own length (small constants, the same construction)."""
+    block, sft_group, n = 8, 16, 48
+    monkeypatch.setattr(attention, "SFT_BLOCK", block)
+    monkeypatch.setattr(attention, "SFT_GROUP", sft_group)
+    lengths = [5, 8, 9, 16, 17, 24, 31, 32, 40, 48]  # example token counts (model input + 1)
+    rng = np.random.default_rng(0)
+    b, hq, hkv, d = len(lengths), 4, 2, 8
+    q = rng.standard_normal((b, n, hq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, n, hkv, d)).astype(np.float32) for _ in range(2))
+    inputs = [min(length - 1, n) for length in lengths]  # real input tokens per row
+    seg = np.array([[1] * m + [0] * (n - m) for m in inputs], np.int32)
+    got = np.asarray(attention.sft_s2_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                segment_ids=jnp.asarray(seg)))
+    for row, (length, m) in enumerate(zip(lengths, inputs, strict=True)):
+        _, unshifted, shifted = official_sft_segments(min(length, n), block, sft_group)
+
+        def groups(h, unshifted=unshifted, shifted=shifted, m=m):
+            return [[p for p in g if p < m] for g in (shifted if h >= hq // 2 else unshifted)]
+
+        want = reference_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], groups)
+        np.testing.assert_allclose(got[row, :m], want[0, :m], atol=2e-5, rtol=0)
+
+
+def test_short_attention_is_every_head_unshifted():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 40, 6, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 40, 3, 8)), jnp.float32) for _ in range(2))
+    got = s2_attention(q, k, v, group_size=8, shift=False)
+    want = reference_attention(q, k, v, lambda h: s2_groups(40, 8, False, False))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+
+
+def test_sft_rule_gradients_equal_per_row_s2(monkeypatch):
+    """Autodiff through the per-row choice equals S2 with each row's own static G."""
+    monkeypatch.setattr(attention, "SFT_BLOCK", 8)
+    monkeypatch.setattr(attention, "SFT_GROUP", 16)
+    n, rng = 32, np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, n, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, n, 2, 8)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray([[1] * 15 + [0] * 17, [1] * 23 + [0] * 9], jnp.int32)  # lengths 16, 24
+
+    def loss(q):
+        return jnp.sum(attention.sft_s2_attention(q, k, v, segment_ids=seg) * seg[..., None, None])
+
+    def per_row(q):
+        rows = [s2_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], group_size=g,
+                             segment_ids=seg[i:i + 1]) for i, g in enumerate((4, 6))]
+        return jnp.sum(jnp.concatenate(rows) * seg[..., None, None])
+
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(q)), np.asarray(jax.grad(per_row)(q)),
+                               atol=1e-5)

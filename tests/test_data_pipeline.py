@@ -235,9 +235,9 @@ def test_unknown_config_field_is_refused():
         make_train_iterator(cfg, TOK, seq_len=8, global_batch=1)
 
 
-def test_llama2_tokenizer_on_offline_books():
+def test_mistral_tokenizer_on_offline_books():
     transformers = pytest.importorskip("transformers")
-    tok = transformers.LlamaTokenizer.from_pretrained(str(assets.llama2_tokenizer_model().parent))
+    tok = transformers.LlamaTokenizer.from_pretrained(str(assets.mistral_tokenizer_model().parent))
     cfg = _cfg(source="offline_books", prefetch=0)
     batch = next(make_train_iterator(cfg, tok, seq_len=256, global_batch=2))
     assert batch["inputs"].max() < 32000 and batch["inputs"].min() >= 0

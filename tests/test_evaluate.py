@@ -140,7 +140,8 @@ def test_cli_writes_tables_and_plots(capsys, tmp_path):
     assert all(p["windows"] == 1 and np.isfinite(p["ppl"]) for p in first["perplexity"].values())
     assert all(p["trials"] == 1 and p["prompt_tokens"] <= 384 for p in [first["passkey"]["384"]])
     table = (out / "results.md").read_text()
-    assert "| preset:tiny | default | 1024 |" in table and "| linear:2 | 2048 |" in table
+    assert "| preset:tiny | default | full | 1024 |" in table
+    assert "| linear:2 | full | 2048 |" in table
     assert "beyond the model's context window" not in table  # every length fits
     for png in ("ppl_vs_length.png", "passkey_vs_length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -167,6 +168,35 @@ def test_cli_beyond_context_needs_the_flag(capsys):
                                 "--prefill-chunk", "512")
     assert code == 0, err
     assert "1536" in stdout and "*" in stdout.split("| preset:tiny |")[1].splitlines()[0]
+
+
+def test_cli_evaluates_s2_and_short_attention(capsys, tmp_path):
+    """The paper's Table 1 pilot: the same model under full, S2 and short attention."""
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "256", "--attention",
+                                "full,s2,short", "--out", str(out))
+    assert code == 0, err
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert [m["attention"] for m in models] == ["full", "s2", "short"]
+    assert [m["name"] for m in models] == ["preset:tiny", "preset:tiny [s2]",
+                                           "preset:tiny [short]"]
+    ppl = [m["perplexity"]["256"]["ppl"] for m in models]
+    assert len(set(ppl)) == 3 and all(np.isfinite(ppl))
+    assert "| preset:tiny [s2] | default | s2 | 1024 |" in stdout
+
+
+def test_short_attention_of_one_group_is_full_attention(tiny_checkpoint):
+    """S2 without the shift over groups as long as the window is exactly full attention; S2
+    with the shift (half the heads in two halves) is not."""
+    _, path, _ = tiny_checkpoint
+    cfg, params = load_pretrained(path, config_overrides={"s2_group_size_ratio": 1.0})
+    ids = np.random.default_rng(0).integers(0, 256, (2, 33)).astype(np.int32)
+    args = ({"params": params}, ids[:, :-1], ids[:, 1:], np.ones((2, 32), np.float32))
+    mesh = make_mesh({"data": 1})
+    full, short, s2 = (float(ppl_eval.make_eval_fn(LlamaForCausalLM(cfg), mesh,
+                                                   attention=a)(*args)[0])
+                       for a in ("full", "short", "s2"))
+    assert short == pytest.approx(full, rel=1e-6) and abs(s2 - full) > 1e-3 * full
 
 
 def test_cli_empty_or_short_documents(capsys, tmp_path):

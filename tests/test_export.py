@@ -107,6 +107,40 @@ def run(request):
     return request.getfixturevalue(request.param)
 
 
+def transformers_434_rope_scaling_validation(rope_scaling) -> None:
+    """transformers 4.34's LlamaConfig._rope_scaling_validation, restated (the version the
+    official LongLoRA code pins): None, or a dict of exactly `type` (linear | dynamic) and a
+    float `factor` > 1."""
+    if rope_scaling is None:
+        return
+    if not isinstance(rope_scaling, dict) or len(rope_scaling) != 2:
+        raise ValueError(f"`rope_scaling` must be a dictionary with two fields, got {rope_scaling}")
+    kind, factor = rope_scaling.get("type"), rope_scaling.get("factor")
+    if kind not in ("linear", "dynamic"):
+        raise ValueError(f"`rope_scaling`'s type must be linear or dynamic, got {kind}")
+    if not isinstance(factor, float) or factor <= 1.0:
+        raise ValueError(f"`rope_scaling`'s factor must be a float > 1, got {factor}")
+
+
+@pytest.mark.parametrize("rope, valid_for_434", [
+    ({"rope_type": "linear", "factor": 4.0}, True),
+    ({"rope_type": "dynamic", "factor": 2.0}, True),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, False),
+])
+def test_exported_rope_scaling_spelling(rope, valid_for_434):
+    hf = LlamaConfig(**BASE).replace(rope_scaling=rope).to_hf()
+    if valid_for_434:
+        transformers_434_rope_scaling_validation(hf["rope_scaling"])
+        assert hf["rope_scaling"] == {"type": rope["rope_type"], "factor": rope["factor"]}
+    else:  # 4.34 cannot use yarn at all: the newer spelling
+        with pytest.raises(ValueError):
+            transformers_434_rope_scaling_validation(hf["rope_scaling"])
+        assert hf["rope_scaling"]["rope_type"] == "yarn"
+    assert transformers.LlamaConfig(**hf).rope_parameters["rope_type"] == rope["rope_type"]
+    assert LlamaConfig.from_hf(hf).rope_scaling == LlamaConfig(**BASE, rope_scaling=rope
+                                                                ).rope_scaling
+
+
 def test_merged_and_peft_exports_agree_and_differ_from_base(run, tmp_path):
     cfg, base_cfg, base_params, trained, base_dir = run
     ours = jax_logits(cfg, trained)
@@ -117,8 +151,14 @@ def test_merged_and_peft_exports_agree_and_differ_from_base(run, tmp_path):
     hf_config = json.loads((merged_dir / "config.json").read_text())
     assert hf_config["rope_parameters"]["rope_type"] == "linear"
     assert hf_config["rope_parameters"]["factor"] == 2.0
+    assert hf_config["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    transformers_434_rope_scaling_validation(hf_config["rope_scaling"])
     assert hf_config["max_position_embeddings"] == 128
     merged = torch_logits(hf_model(merged_dir))
+    # The legacy spelling alone (what transformers 4 writes and reads) gives the same model.
+    del hf_config["rope_parameters"]
+    (merged_dir / "config.json").write_text(json.dumps(hf_config))
+    np.testing.assert_allclose(torch_logits(hf_model(merged_dir)), merged, atol=1e-6)
 
     peft_dir = export.export_peft(cfg, trained, tmp_path / "peft", base_dir=base_dir,
                                   base_params=None if base_dir else base_params)

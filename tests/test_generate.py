@@ -300,8 +300,12 @@ def test_build_prompt_templates():
 
     assert prompts.build_prompt(Chat(), prompt="hi", material=None, question=None) == \
         "<user>hi</user><assistant>"
-    alpaca = prompts.build_prompt(object(), prompt=None, material="BOOK", question="Q?")
-    assert alpaca == prompts.ALPACA_TEMPLATE.format(instruction="BOOK\nQ?")
+    # The official inference.py since November 2023: "[INST]{instruction}[/INST]", with the
+    # instruction material + "\n" + question.
+    assert prompts.build_prompt(object(), material="BOOK", question="Q?") == "[INST]BOOK\nQ?[/INST]"
+    alpaca = prompts.build_prompt(object(), material="BOOK", question="Q?", template="alpaca")
+    assert alpaca.startswith("Below is an instruction") and alpaca.endswith(
+        "### Instruction:\nBOOK\nQ?\n\n### Response:")
     assert prompts.build_prompt(object(), prompt="hi", material=None, question=None) == "hi"
 
 

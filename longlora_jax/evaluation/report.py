@@ -18,14 +18,15 @@ from longlora_jax.evaluation import plots
 
 @dataclasses.dataclass
 class ModelResult:
-    """One evaluated (model, RoPE variant): its perplexity and passkey results by length, and
-    the evaluation documents as [name, tokens]."""
+    """One evaluated (model, RoPE variant, attention): its perplexity and passkey results by
+    length, and the evaluation documents as [name, tokens]."""
 
     name: str
     source: str
     rope: str
     context_window: int
     documents: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    attention: str = "full"
     perplexity: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     passkey: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -36,11 +37,11 @@ def _fmt(value: float) -> str:
 
 def markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: dict) -> str:
     """results.md: a perplexity and a passkey table (those that ran), lengths as columns."""
-    head = ["| model | rope | window | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---|---|---:|" + "---:|" * len(lengths)]
+    head = ["| model | rope | attention | window | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|---|---|---:|" + "---:|" * len(lengths)]
 
     def rows(cell: Callable[[ModelResult, int], str]) -> list[str]:
-        return [f"| {r.name} | {r.rope} | {r.context_window} | "
+        return [f"| {r.name} | {r.rope} | {r.attention} | {r.context_window} | "
                 + " | ".join(cell(r, n) for n in lengths) + " |" for r in results]
 
     def ppl_cell(r: ModelResult, n: int) -> str:

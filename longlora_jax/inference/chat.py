@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     model            training workdir | smollm2 | hf:DIR | gguf:FILE | preset:NAME
     prompt           the prompt text; or
     material, question   a text file and a question about it (both together)
-    template         auto | chat | alpaca | none (see `inference.prompts`)
+    template         auto | chat | longlora | alpaca | none (see `inference.prompts`)
     max_new_tokens, temperature (0 = greedy), top_p, seed   decoding
     rope             RoPE scaling to run with: base | default | linear:F | dynamic:F | yarn:F
     allow_beyond_context   allow prompt + new tokens beyond the model's context window

@@ -7,9 +7,12 @@ Bases (`model.base`):
     "preset:NAME"    random initialisation of a `LlamaConfig` preset, from the run's seed
 
 Tokenizers (`model.tokenizer`): "auto" (the base's own: the HF directory's or the GGUF
-metadata's), "bytes" (a 256-symbol byte tokenizer, for random-init models), "hf:DIR" (any HF
-tokenizer directory) or "llama2" (the offline LLaMA-2-layout SentencePiece model).
-Checkpoints store these strings, never the weights of the base.
+metadata's; for a random-init preset, the byte tokenizer), "bytes" (a 256-symbol byte
+tokenizer), "hf:DIR" (any HF tokenizer directory) or "standin-sp32k" (Mistral-7B-v0.1's
+SentencePiece model from the offline assets: LLaMA-2's size and special ids but not its
+vocabulary, a stand-in for random-init throughput runs). `check_tokenizer` refuses a
+tokenizer whose ids do not fit the model's embedding and warns about one that fits but is not
+the base's own. Checkpoints store these strings, never the weights of the base.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +40,7 @@ from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.parallel import rules
 
 BASE_KINDS = ("smollm2", "hf:DIR", "gguf:FILE", "preset:NAME")
-TOKENIZERS = ("auto", "bytes", "llama2", "hf:DIR")
+TOKENIZERS = ("auto", "bytes", "standin-sp32k", "hf:DIR")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,19 +163,45 @@ def shard_variables(cfg: LlamaConfig, variables: Mapping[str, Any], mesh: Mesh) 
 
 def load_tokenizer(tokenizer: str, spec: BaseSpec):
     """A tokenizer with `encode(text) -> ids` and `eos_token_id` (see `data.tokenizer`)."""
-    if tokenizer == "bytes":
-        return ByteTokenizer()
     if tokenizer == "llama2":
-        return LlamaTokenizer.from_pretrained(str(assets.llama2_tokenizer_model().parent))
+        raise ConfigError(
+            "model.tokenizer='llama2' named Mistral-7B-v0.1's vocabulary, never LLaMA-2's; use "
+            "'auto' (a real base's own tokenizer, e.g. with model.base=hf:DIR) or "
+            "'standin-sp32k' (the same stand-in, named for what it is)")
+    if tokenizer == "bytes" or (tokenizer == "auto" and spec.kind == "preset"):
+        return ByteTokenizer()
+    if tokenizer == "standin-sp32k":
+        return LlamaTokenizer.from_pretrained(str(assets.mistral_tokenizer_model().parent))
     if tokenizer.startswith("hf:"):
         return AutoTokenizer.from_pretrained(tokenizer[3:], local_files_only=True)
     if tokenizer != "auto":
         raise ConfigError(f"model.tokenizer={tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
     if spec.kind == "hf":
         return AutoTokenizer.from_pretrained(spec.location, local_files_only=True)
-    if spec.kind in ("asset", "gguf"):
-        return load_gguf_tokenizer(spec.gguf_path())
-    raise ConfigError(
-        f"model.tokenizer='auto' needs a base with a tokenizer, but {spec} is a random init; "
-        "set model.tokenizer to 'bytes', 'llama2' or 'hf:DIR'"
-    )
+    return load_gguf_tokenizer(spec.gguf_path())
+
+
+def tokenizer_size(tokenizer) -> int:
+    """How many ids the tokenizer can produce (added and special tokens included)."""
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    return int(tokenizer.vocab_size)
+
+
+def check_tokenizer(tokenizer, tokenizer_name: str, cfg: LlamaConfig, spec: BaseSpec) -> None:
+    """ConfigError when the tokenizer's ids do not fit the model's embedding; a warning when
+    it fits but is not the base's own (`tokenizer_name` other than "auto" for a base that has
+    a tokenizer, with a different vocabulary)."""
+    size = tokenizer_size(tokenizer)
+    if size > cfg.vocab_size:
+        raise ConfigError(
+            f"model.tokenizer={tokenizer_name!r} has {size} ids but the model's embedding "
+            f"({spec}) has {cfg.vocab_size} rows; use the base's own tokenizer "
+            "(model.tokenizer='auto') or one whose ids fit")
+    if tokenizer_name == "auto" or spec.kind == "preset":
+        return
+    own = load_tokenizer("auto", spec)
+    if own.get_vocab() != getattr(tokenizer, "get_vocab", dict)():
+        warnings.warn(f"model.tokenizer={tokenizer_name!r} is not the tokenizer of the base "
+                      f"{spec} (their vocabularies differ): the model will read ids it was "
+                      "not trained on", stacklevel=2)

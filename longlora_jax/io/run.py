@@ -13,8 +13,10 @@ what `meta` names: no optimizer is built and its state is never read. Orbax writ
 into a temporary directory and renames it when complete, so only finished steps are listed.
 
 `load_model(source)` loads any model the commands take: a base ("smollm2", "hf:DIR",
-"gguf:FILE", "preset:NAME"; see `io.base`) or a training workdir (the base plus the trained
-leaves; LoRA factors stay in the `lora` collection and are applied on the fly).
+"gguf:FILE", "preset:NAME"; see `io.base`), a base plus a PEFT adapter directory
+("hf:DIR+ADAPTER_DIR", e.g. an official LongLoRA LoRA release; see `io.peft`), or a training
+workdir (the base plus the trained leaves). LoRA factors stay in the `lora` collection and
+are applied on the fly.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from longlora_jax.io.base import (
     BaseSpec,
     abstract_variables,
     base_config,
+    check_tokenizer,
     is_base_spec,
     load_base_params,
     load_tokenizer,
 )
+from longlora_jax.io.peft import apply_adapter
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
@@ -172,6 +176,10 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
     a preset base is a random init from `seed` with the byte tokenizer. CheckpointError for a
     path that is neither a base nor a workdir with checkpoints.
     """
+    source, plus, adapter = source.partition("+")
+    if plus and not is_base_spec(source):
+        raise CheckpointError(f"model {source}+{adapter!r}: an adapter goes on a base "
+                              "(smollm2 | hf:DIR | gguf:FILE | preset:NAME), e.g. hf:DIR+ADAPTER")
     if is_base_spec(source):
         spec = BaseSpec.parse(source)
         overrides = {"scan_layers": True, "dtype": dtype}
@@ -185,7 +193,12 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
         shardings = rules.tree_shardings(mesh, abstract_variables(LlamaForCausalLM(cfg)))
         params = load_base_params(spec, cfg, seed=seed, dtype=dtype,
                                   shardings=shardings["params"])
-        return LoadedModel(str(spec), cfg.with_rope(rope), {"params": params}, tokenizer)
+        variables, name = {"params": params}, str(spec)
+        if plus:
+            cfg, variables = apply_adapter(cfg, params, adapter)
+            name = f"{spec}+{pathlib.Path(adapter).name}"
+        check_tokenizer(tokenizer, "auto", cfg, spec)
+        return LoadedModel(name, cfg.with_rope(rope), variables, tokenizer)
     workdir = pathlib.Path(source)
     if not workdir.is_dir():
         raise CheckpointError(
@@ -193,4 +206,5 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
             "(smollm2 | hf:DIR | gguf:FILE | preset:NAME)")
     run = load_run(workdir, dtype=dtype)
     tokenizer = load_tokenizer(run.meta["tokenizer"], run.base)
+    check_tokenizer(tokenizer, run.meta["tokenizer"], run.cfg, run.base)
     return LoadedModel(workdir.name, run.cfg.with_rope(rope), run.variables, tokenizer)

@@ -153,12 +153,15 @@ class _HeadRun:
     shifted: bool
 
 
-def head_runs(hq: int, hkv: int) -> list[_HeadRun]:
+def head_runs(hq: int, hkv: int, shift: bool = True) -> list[_HeadRun]:
     """Splits the heads into runs with a uniform GQA ratio and shift (at most 4 runs).
 
     Query heads h >= Hq // 2 are shifted. If that boundary falls inside a kv head's query
-    group (Hq // 2 not a multiple of Hq // Hkv), that kv head appears in two runs.
+    group (Hq // 2 not a multiple of Hq // Hkv), that kv head appears in two runs. Without
+    `shift` (short attention) every head is one unshifted run.
     """
+    if not shift:
+        return [_HeadRun(0, hq, 0, hkv, False)]
     r, half = hq // hkv, hq // 2
     jb, a = divmod(half, r)
     runs = []
@@ -235,10 +238,11 @@ def _shifted_groups(q, k, v, seg, valid, *, group: int, wrap: bool, grouped, nbr
     return jnp.concatenate([head, *outs_mid, out_s[:, :half]], axis=1)
 
 
-def _s2_block(q, k, v, seg, valid, *, group: int, wrap: bool, grouped, nbrs: _Neighbours):
+def _s2_block(q, k, v, seg, valid, *, group: int, wrap: bool, shift: bool, grouped,
+              nbrs: _Neighbours):
     """S2 on one block of tokens: the head runs, unshifted ones plain grouped attention."""
     outs = []
-    for run in head_runs(q.shape[2], k.shape[2]):
+    for run in head_runs(q.shape[2], k.shape[2], shift):
         qr, kr, vr = q[:, :, run.q0:run.q1], k[:, :, run.k0:run.k1], v[:, :, run.k0:run.k1]
         if run.shifted:
             outs.append(_shifted_groups(qr, kr, vr, seg, valid, group=group, wrap=wrap,
@@ -310,8 +314,11 @@ def _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | Non
 
 
 def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
-                 segment_ids=None, impl: str = "xla") -> jax.Array:
+                 segment_ids=None, impl: str = "xla", shift: bool = True) -> jax.Array:
     """Shifted sparse attention (see module docstring); impl: xla | splash | cudnn | auto.
+
+    shift=False is short attention: every head attends within the unshifted groups (the
+    paper's ablation of the shift; no information crosses a group boundary).
 
     Inside `sharding.activate(mesh)` the computation runs per device (shard_map): the batch
     split over data/fsdp, the tokens over `sequence` (N / sequence size must then be a multiple
@@ -336,24 +343,25 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
             )
 
         def per_device(q, k, v, seg):
-            return _s2_block(q, k, v, seg, None, group=group_size, wrap=wrap, grouped=grouped,
-                             nbrs=_ring(SEQUENCE, seq_size))
+            return _s2_block(q, k, v, seg, None, group=group_size, wrap=wrap, shift=shift,
+                             grouped=grouped, nbrs=_ring(SEQUENCE, seq_size))
 
         return _per_device(per_device, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 
     if impl == "splash":  # per-head masks express the shift directly: one kernel call
-        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap)
+        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap, shift)
         return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh)
 
     def whole(q, k, v, seg):
-        return _s2_padded(q, k, v, seg, group=group_size, wrap=wrap, grouped=grouped)
+        return _s2_padded(q, k, v, seg, group=group_size, wrap=wrap, shift=shift,
+                          grouped=grouped)
 
     if mesh is None:
         return whole(q_bnhd, k_bnkd, v_bnkd, seg)
     return _per_device(whole, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 
 
-def _s2_padded(q, k, v, seg, *, group: int, wrap: bool, grouped):
+def _s2_padded(q, k, v, seg, *, group: int, wrap: bool, shift: bool, grouped):
     """S2 on the whole sequence, padded at the end to a multiple of G (see `_s2_block`)."""
     b, n = q.shape[:2]
     pad = -n % group
@@ -363,7 +371,7 @@ def _s2_padded(q, k, v, seg, *, group: int, wrap: bool, grouped):
         if seg is not None:
             seg = jnp.pad(seg, [(0, 0), (0, pad)])
         valid = jnp.broadcast_to(jnp.arange(n + pad) < n, (b, n + pad))
-    out = _s2_block(q, k, v, seg, valid, group=group, wrap=wrap, grouped=grouped,
+    out = _s2_block(q, k, v, seg, valid, group=group, wrap=wrap, shift=shift, grouped=grouped,
                     nbrs=_UNSHARDED)
     return out[:, :n]
 
@@ -375,11 +383,88 @@ _GROUPED = {
 }
 
 
+# --------------------------------------------------------------------------- SFT group rule
+
+SFT_BLOCK = 4096  # the official SFT rule's length quantum
+SFT_GROUP = 8192  # ... and its group for every other length
+
+
+def longlora_sft_group(length: int) -> int:
+    """The official SFT group size for an example of `length` tokens (its unpadded length):
+    length / 4 when the length is a multiple of 4096, else 8192."""
+    return length // 4 if length % SFT_BLOCK == 0 else SFT_GROUP
+
+
+def sft_group_choices(n: int) -> tuple[int, ...]:
+    """Every group `longlora_sft_group` gives for examples of at most N tokens, ascending."""
+    return tuple(sorted({m // 4 for m in range(SFT_BLOCK, n + 1, SFT_BLOCK)} | {SFT_GROUP}))
+
+
+def sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids, wrap: bool = False,
+                     impl: str = "xla", shift: bool = True) -> jax.Array:
+    """S2 with each row's group from the official SFT rule (`longlora_sft_group`).
+
+    segment_ids [B, N]: > 0 on an example's tokens, 0 on padding (one example per row). The
+    row's example had L = min(tokens + 1, N) tokens (the model input drops the last one), so
+    its G is `longlora_sft_group(L)`; a G larger than N is full causal attention (the
+    official groups then hold the whole example). Rows pick their G at run time among
+    `sft_group_choices(N)` (`lax.switch`, one compiled S2 per choice); under a mesh the rows
+    are split over the batch axes and each device runs its own rows' choices. Sequence
+    sharding is refused (every row needs its whole sequence).
+    """
+    _check_inputs(q_bnhd, k_bnkd, v_bnkd, segment_ids)
+    if segment_ids is None:
+        raise ConfigError("the longlora_sft group rule needs segment ids (0 = padding) to "
+                          "know each row's example length")
+    impl = resolve_impl(impl, q_bnhd.dtype)
+    n = q_bnhd.shape[1]
+    choices = sft_group_choices(n)
+    seg = segment_ids.astype(jnp.int32)
+
+    def one_group(group):
+        def run(q, k, v, seg):
+            if group > n:
+                return _GROUPED[impl](q, k, v, group=n, segment_ids=seg)
+            if impl == "splash":
+                masks = kernels.s2_splash_masks(n, q.shape[2], group, wrap, shift)
+                return kernels.run_splash(kernels.make_splash_kernel(masks), q, k, v, seg)
+            return _s2_padded(q, k, v, seg, group=group, wrap=wrap, shift=shift,
+                              grouped=_GROUPED[impl])
+
+        return run
+
+    branches = [one_group(g) for g in choices]
+
+    def rows(q, k, v, seg):
+        length = jnp.minimum((seg > 0).sum(axis=1) + 1, n)
+        group = jnp.where(length % SFT_BLOCK == 0, length // 4, SFT_GROUP)
+        index = jnp.searchsorted(jnp.asarray(choices), group)
+
+        def row(xs):
+            i, *row_xs = xs
+            return jax.lax.switch(i, branches, *(x[None] for x in row_xs))[0]
+
+        return jax.lax.map(row, (index, q, k, v, seg))
+
+    mesh = _mesh_axes()
+    if mesh is None:
+        return rows(q_bnhd, k_bnkd, v_bnkd, seg)
+    if mesh.seq_size > 1:
+        raise ConfigError("the longlora_sft group rule needs whole sequences per device; "
+                          "use mesh.sequence=1 (split the batch over data/fsdp instead)")
+    return _per_device(rows, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
+
+
 def attend(q_bnhd, k_bnkd, v_bnkd, cfg: LlamaConfig, *, train: bool, segment_ids=None) -> jax.Array:
-    """The model's attention: S2 when training with `attention_train="s2"`, else full causal."""
-    if train and cfg.attention_train == "s2":
+    """The model's attention: with `train`, S2 (or short attention) as `attention_train`
+    says, with the group of `s2_group_rule`; otherwise full causal."""
+    if train and cfg.attention_train in ("s2", "short"):
+        shift = cfg.attention_train == "s2"
+        if cfg.s2_group_rule == "longlora_sft":
+            return sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
+                                    wrap=cfg.s2_wrap, impl=cfg.attention_impl, shift=shift)
         group = cfg.s2_group(q_bnhd.shape[1])
         return s2_attention(q_bnhd, k_bnkd, v_bnkd, group_size=group, wrap=cfg.s2_wrap,
-                            segment_ids=segment_ids, impl=cfg.attention_impl)
+                            segment_ids=segment_ids, impl=cfg.attention_impl, shift=shift)
     return causal_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
                             impl=cfg.attention_impl)

@@ -18,7 +18,8 @@ from longlora_jax.errors import CheckpointError, ConfigError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_TRAIN = ("full", "s2")
+ATTENTION_TRAIN = ("full", "s2", "short")
+S2_GROUP_RULES = ("fixed", "longlora_sft")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -146,9 +147,12 @@ class LlamaConfig:
     Numerics: `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of
       newly initialised parameters; softmax, norms' statistics and the loss are always fp32.
     Training-time only (never exported):
-      attention_train: "full" | "s2" -- attention used by `train=True` forward passes;
+      attention_train: "full" | "s2" | "short" (S2 without the shift: every head in the
+        unshifted groups, the paper's ablation) -- attention used by `train=True` passes;
         evaluation and generation always use full causal attention.
       s2_group_size / s2_group_size_ratio: S2-Attn group G (explicit size wins over ratio * N).
+      s2_group_rule: "fixed" (that G for every row) | "longlora_sft" (the official SFT rule,
+        per row from its example's length; see `attention.longlora_sft_group`).
       s2_wrap: the paper's Algorithm 1 (last shifted group wraps around) instead of the
         official flash-attention segments.
       attention_impl: "auto" | "xla" | "splash" | "cudnn" -- kernel backend.
@@ -184,6 +188,7 @@ class LlamaConfig:
     s2_group_size: int | None = None
     s2_group_size_ratio: float = 0.25
     s2_wrap: bool = False
+    s2_group_rule: str = "fixed"
     # LoRA.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -223,6 +228,7 @@ class LlamaConfig:
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("attention_train", self.attention_train, ATTENTION_TRAIN)
+        _check_choice("s2_group_rule", self.s2_group_rule, S2_GROUP_RULES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         group, ratio = self.s2_group_size, self.s2_group_size_ratio
         if group is not None and (group <= 0 or group % 2):
@@ -389,10 +395,22 @@ class LlamaConfig:
             "rope_parameters": {**rope, "rope_theta": self.rope_theta},
             # ... transformers 4 reads these two.
             "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling.rope_type == "default" else rope,
+            "rope_scaling": self._legacy_rope_scaling(),
             "torch_dtype": self.param_dtype,
         }
         return out
+
+    def _legacy_rope_scaling(self) -> dict[str, Any] | None:
+        """config.json's `rope_scaling` for transformers 4 readers: linear and dynamic as
+        {"type", "factor"}, the only form transformers 4.34 (the official LongLoRA pin)
+        accepts and one transformers 5 still reads; scalings 4.34 never knew (yarn, llama3)
+        in the newer spelling, which old readers cannot use anyway."""
+        rs = self.rope_scaling
+        if rs.rope_type == "default":
+            return None
+        if rs.rope_type in ("linear", "dynamic"):
+            return {"type": rs.rope_type, "factor": float(rs.factor)}
+        return rs.to_hf()
 
     # ----------------------------------------------------------------------------- presets
 

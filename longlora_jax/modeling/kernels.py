@@ -264,10 +264,13 @@ def make_splash_kernel(head_masks: list[_S2Mask], interpret: bool | None = None)
     )
 
 
-def s2_splash_masks(n: int, hq: int, group: int, wrap: bool) -> list[_S2Mask]:
-    """Per-head S2 masks for N tokens: heads h >= Hq // 2 shifted (see `_S2Mask`)."""
+def s2_splash_masks(n: int, hq: int, group: int, wrap: bool,
+                    shift: bool = True) -> list[_S2Mask]:
+    """Per-head S2 masks for N tokens: heads h >= Hq // 2 shifted unless `shift` is off
+    (short attention; see `_S2Mask`)."""
     length = splash_length(n)
-    return [_S2Mask(length, group, shifted=h >= hq // 2, wrap=wrap, valid=n) for h in range(hq)]
+    return [_S2Mask(length, group, shifted=shift and h >= hq // 2, wrap=wrap, valid=n)
+            for h in range(hq)]
 
 
 def run_splash(kernel, q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:

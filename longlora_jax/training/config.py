@@ -7,13 +7,15 @@ config it is given.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from longlora_jax.data.config import default_data_config
+from longlora_jax.data.config import default_data_config, resolved_packing
+from longlora_jax.data.pipeline import rows_per_epoch
 from longlora_jax.errors import ConfigError
 from longlora_jax.io.base import BaseSpec, base_config
 from longlora_jax.modeling.config import (
@@ -35,7 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     model.base          where the frozen base comes from: "smollm2" | "hf:DIR" | "gguf:FILE" |
                         "preset:NAME" (random init; see `longlora_jax.pretrained`).
-    model.tokenizer     "auto" | "bytes" | "llama2" | "hf:DIR".
+    model.tokenizer     "auto" (the base's own; bytes for a random preset) | "bytes" | "hf:DIR"
+                        | "standin-sp32k" (a stand-in vocabulary for random-init runs; see
+                        `longlora_jax.io.base`).
     model.overrides     LlamaConfig architecture fields for a "preset:" base (e.g. layers).
     model.dtype         compute dtype ("bfloat16" on accelerators, "float32" on CPU).
     model.frozen_dtype  storage dtype of frozen weights; trainable leaves are always fp32.
@@ -48,8 +52,12 @@ def default_config() -> ml_collections.ConfigDict:
                         of "base", still works with a deprecation warning.)
     rope.factor         scaling factor; 0 = ceil(seq_len / rope.original_context).
     rope.original_context  the base's trained context; 0 = its max_position_embeddings.
-    attention.train     "s2" (shifted sparse attention) | "full".
+    attention.train     "s2" (shifted sparse attention) | "full" | "short" (S2 without the
+                        shift, the paper's ablation).
     attention.group_size_ratio / attention.group_size  S2 group G (size > 0 wins).
+    attention.group_rule  "fixed" (that G for every row) | "longlora_sft" (each row's G from
+                        its example's length, as the official SFT code; needs one example
+                        per row: data.packing "pad", and mesh.sequence 1).
     attention.wrap      the paper's Algorithm 1 wrap-around for the last shifted group.
     attention.impl      "auto" | "xla" | "splash" | "cudnn".
     attention.mask_documents  keep packed documents from attending to each other.
@@ -59,6 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
     batch.global_batch  sequences per optimizer step (over all devices and processes).
     batch.micro_batch   sequences per forward pass; global/micro = gradient accumulation.
     max_steps           optimizer steps of the whole run (a resumed run continues to it).
+    epochs              > 0: max_steps = ceil(epochs x rows per epoch / batch.global_batch)
+                        instead, for one example per row (data.packing "pad", e.g. SFT).
     log_every           steps between metric lines (metrics.jsonl, TensorBoard).
     eval.every          steps between held-out evaluations (0 = never during training).
     eval.before / eval.after  evaluate before the first and after the last step.
@@ -82,8 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.seq_len = 2048
     c.rope = ml_collections.ConfigDict(dict(type="linear", factor=0.0, original_context=0))
     c.attention = ml_collections.ConfigDict(dict(
-        train="s2", group_size_ratio=0.25, group_size=0, wrap=False, impl="auto",
-        mask_documents=False,
+        train="s2", group_size_ratio=0.25, group_size=0, group_rule="fixed", wrap=False,
+        impl="auto", mask_documents=False,
     ))
     c.lora = ml_collections.ConfigDict(dict(
         mode="lora_plus", rank=8, alpha=16.0, dropout=0.0,
@@ -93,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.total_steps = 0
     c.batch = ml_collections.ConfigDict(dict(global_batch=8, micro_batch=0))
     c.max_steps = 1000
+    c.epochs = 0.0
     c.log_every = 10
     c.eval = ml_collections.ConfigDict(dict(
         every=0, before=True, after=True, seq_len=0, protocol="nonoverlap", max_windows=16,
@@ -152,6 +163,7 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSp
         s2_group_size=config.attention.group_size or None,
         s2_group_size_ratio=config.attention.group_size_ratio,
         s2_wrap=config.attention.wrap,
+        s2_group_rule=config.attention.group_rule,
         lora_rank=config.lora.rank if lora_on else 0,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
@@ -159,6 +171,14 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSp
     )
     if lora_on and cfg.lora_rank <= 0:
         raise ConfigError(f"lora.rank={config.lora.rank} must be > 0 for mode {config.lora.mode!r}")
+    if cfg.s2_group_rule == "longlora_sft":
+        if resolved_packing(config.data) != "pad":
+            raise ConfigError("attention.group_rule='longlora_sft' needs one example per row "
+                              "(data.packing 'pad', the default for sft_json)")
+        if config.mesh.sequence != 1:
+            raise ConfigError("attention.group_rule='longlora_sft' needs mesh.sequence=1 (each "
+                              "row's whole sequence on one device)")
+        return cfg, spec
     check_seq_len(cfg, config.seq_len, config.mesh.sequence)
     return cfg, spec
 
@@ -169,7 +189,7 @@ def check_seq_len(cfg: LlamaConfig, seq_len: int, sequence_shards: int) -> None:
         raise ConfigError(f"seq_len={seq_len} must be >= 2")
     if sequence_shards > 1 and seq_len % sequence_shards:
         raise ConfigError(f"seq_len={seq_len} is not divisible by mesh.sequence={sequence_shards}")
-    if cfg.attention_train != "s2":
+    if cfg.attention_train == "full":
         return
     group = cfg.s2_group(seq_len)
     if group > seq_len or seq_len % group:
@@ -204,6 +224,16 @@ def batch_sizes(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
             f"{jax.process_count()}"
         )
     return global_batch, global_batch // micro
+
+
+def with_epochs_resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` itself when `epochs` is 0, else a copy whose max_steps counts those epochs."""
+    if config.epochs <= 0:
+        return config
+    rows = rows_per_epoch(config.data)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.max_steps = math.ceil(config.epochs * rows / config.batch.global_batch)
+    return resolved
 
 
 def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -31,12 +31,12 @@ from longlora_jax.data.eval_data import eval_documents
 from longlora_jax.data.pipeline import make_train_iterator
 from longlora_jax.errors import ConfigError, UserError
 from longlora_jax.evaluation.perplexity import make_eval_fn, perplexity
-from longlora_jax.io.base import initial_variables, load_tokenizer, run_keys
+from longlora_jax.io.base import check_tokenizer, initial_variables, load_tokenizer, run_keys
 from longlora_jax.modeling.lora import merge_trees, trainable_summary
 from longlora_jax.parallel.distributed import any_process, is_main_process
 from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.training.checkpoint import Checkpointer, fingerprint
-from longlora_jax.training.config import build_setup
+from longlora_jax.training.config import build_setup, with_epochs_resolved
 from longlora_jax.training.metrics import MetricsWriter
 from longlora_jax.training.step import TrainSetup, init_state
 
@@ -105,19 +105,21 @@ def train(config: ml_collections.ConfigDict,
     """
     if not (workdir or config.workdir):
         raise ConfigError("workdir is required (--workdir DIR)")
+    config = with_epochs_resolved(config)
     workdir = pathlib.Path(workdir or config.workdir)
     is_main = is_main_process()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(dict(config.mesh))
     setup, spec, global_batch = build_setup(config, mesh)
     cfg, model, seq_len = setup.model.cfg, setup.model, config.seq_len
+    tokenizer = load_tokenizer(config.model.tokenizer, spec)
+    check_tokenizer(tokenizer, config.model.tokenizer, cfg, spec)
     checkpointer = Checkpointer(workdir, every=config.checkpoint.every,
                                 keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     expected = fingerprint(cfg, config.lora.mode)
     checkpointer.check_compatible(expected)
 
-    tokenizer = load_tokenizer(config.model.tokenizer, spec)
     data_iter = make_train_iterator(
         config.data, tokenizer, seq_len=seq_len, global_batch=global_batch,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,

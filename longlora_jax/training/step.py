@@ -73,12 +73,17 @@ def loss_and_count(
     dropout_rng: jax.Array | None = None,
     train: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed token NLL, number of scored tokens) of one batch [b, N] (fp32 scalars)."""
+    """(summed token NLL, number of scored tokens) of one batch [b, N] (fp32 scalars).
+
+    Segment ids reach the model when documents are masked, and for the per-row SFT group rule
+    (which reads each row's example length from them).
+    """
+    segments = options.mask_documents or model.cfg.s2_group_rule == "longlora_sft"
     h_bne = model.apply(
         variables,
         batch["inputs"],
         batch["positions"],
-        batch["segment_ids"] if options.mask_documents else None,
+        batch["segment_ids"] if segments else None,
         train=train,
         return_hidden=True,
         rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
