@@ -18,8 +18,8 @@ from tests.helpers import REPO_ROOT
 PACKAGE = pathlib.Path(REPO_ROOT) / "longlora_jax"
 # Bottom to top; a layer may import itself and anything before it.
 LAYERS = ("errors", "cli", "parallel", "modeling", "data", "io", "inference", "evaluation",
-          "training", "benchmarks")
-COMMANDS = ("train", "evaluate", "generate", "export", "aot", "bench", "assets")
+          "training", "benchmarks", "experiments")
+COMMANDS = ("train", "evaluate", "generate", "export", "aot", "bench", "assets", "miniature")
 # Third-party imports allowed inside functions: optional peers, imported only when asked for.
 LAZY_OK = {"torch", "peft", "transformers"}
 
@@ -119,6 +119,7 @@ BAD_ARGUMENTS = {
     "aot": ["--config", "configs/tiny_cpu.py", "--topology", "v9-8"],
     "bench": ["attention", "--heads", "nine"],
     "assets": ["fetch", "everything"],
+    "miniature": ["--quick", "maybe"],
 }
 
 

@@ -96,7 +96,7 @@ def test_official_release_with_pickled_adapter_and_trainable_params(release):
 
 
 def test_safetensors_adapter_without_trainable_params(release, tmp_path):
-    base_dir, adapter_dir = release
+    base_dir, _ = release
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
                            init_lora_weights=False)
@@ -115,7 +115,7 @@ def test_safetensors_adapter_without_trainable_params(release, tmp_path):
 
 def test_adapter_errors_are_one_line(release, tmp_path):
     base_dir, adapter_dir = release
-    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+    with pytest.raises(CheckpointError, match=r"no adapter_config\.json"):
         load_model(f"hf:{base_dir}+{tmp_path}")
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -62,14 +62,14 @@ def test_code_in_a_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     crafted = tmp_path / "crafted.bin"
     with zipfile.ZipFile(crafted, "w") as z:
         z.writestr("archive/data.pkl", b"cbuiltins\neval\n(Vprint('ran')\ntR.")
-    with pytest.raises(CheckpointError, match="builtins.eval"):
+    with pytest.raises(CheckpointError, match=r"builtins\.eval"):
         load_torch_file(crafted)
 
 
 def test_legacy_and_non_tensor_files_are_one_line_errors(tmp_path):
     legacy = tmp_path / "legacy.bin"
     torch.save({"w": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="legacy .* never unpickled"):
+    with pytest.raises(CheckpointError, match=r"legacy .* never unpickled"):
         load_torch_file(legacy)
     not_dict = tmp_path / "list.bin"
     torch.save([torch.ones(1)], not_dict)

@@ -66,3 +66,22 @@ def passkey_plot(series: Series, path: str | pathlib.Path, *, title: str,
     """Passkey retrieval accuracy (0..1) vs context length."""
     return line_plot(series, path, title=title, ylabel="passkey accuracy", windows=windows,
                      ylim=(-0.05, 1.05))
+
+
+def scatter_plot(points: Mapping[str, tuple[float, float]], path: str | pathlib.Path, *,
+                 title: str, xlabel: str, ylabel: str) -> pathlib.Path:
+    """Writes `path` (PNG): one labelled point (x, y) per name (e.g. cost vs quality)."""
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], label=name)
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path)
+    return path

@@ -177,8 +177,21 @@ def load_tokenizer(tokenizer: str, spec: BaseSpec):
     if tokenizer != "auto":
         raise ConfigError(f"model.tokenizer={tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
     if spec.kind == "hf":
+        if not has_own_tokenizer(spec):
+            raise ConfigError(f"model.tokenizer='auto' but the base {spec} has no tokenizer "
+                              f"files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer")
         return AutoTokenizer.from_pretrained(spec.location, local_files_only=True)
     return load_gguf_tokenizer(spec.gguf_path())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_own_tokenizer(spec: BaseSpec) -> bool:
+    """Whether the base brings a tokenizer (GGUF metadata, or tokenizer files in an HF dir)."""
+    if spec.kind == "hf":
+        return any(os.path.isfile(os.path.join(spec.location, f)) for f in TOKENIZER_FILES)
+    return spec.kind in ("asset", "gguf")
 
 
 def tokenizer_size(tokenizer) -> int:
@@ -198,7 +211,7 @@ def check_tokenizer(tokenizer, tokenizer_name: str, cfg: LlamaConfig, spec: Base
             f"model.tokenizer={tokenizer_name!r} has {size} ids but the model's embedding "
             f"({spec}) has {cfg.vocab_size} rows; use the base's own tokenizer "
             "(model.tokenizer='auto') or one whose ids fit")
-    if tokenizer_name == "auto" or spec.kind == "preset":
+    if tokenizer_name == "auto" or not has_own_tokenizer(spec):
         return
     own = load_tokenizer("auto", spec)
     if own.get_vocab() != getattr(tokenizer, "get_vocab", dict)():

@@ -210,6 +210,13 @@ class LlamaForCausalLM(nn.Module):
             return h_bne
         return self.project(h_bne)
 
+    def output_weight(self) -> jax.Array:
+        """The LM head as a [E, V] matrix (the token embedding, transposed, when tied): what
+        `project` multiplies by, for losses that handle the head themselves."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.embedding.T
+        return self.lm_head.variables["params"]["kernel"]
+
     def project(self, h_bne: jax.Array) -> jax.Array:
         """Final hidden states [..., E] -> fp32 logits [..., V] (tied or untied head)."""
         if self.cfg.tie_word_embeddings:

@@ -92,9 +92,18 @@ def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
     recompute = cfg.remat_policy == "full"
     rematted = layers * (layer_w + lora_w) if recompute else 0
     matmul = 2 * tokens * (2 * dense + trainable + rematted)
-    group = cfg.s2_group(seq_len) if cfg.attention_train == "s2" else seq_len
-    attn_fwd = 4 * hq * d * tokens * (group + 1) / 2 * layers
-    return float(matmul + attention_copies * attn_fwd * (1 + 2.5 + (1 if recompute else 0)))
+    return float(matmul + attention_copies * attention_flops(cfg, tokens=tokens, seq_len=seq_len))
+
+
+def attention_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int) -> float:
+    """The training attention's FLOPs in one step (see `model_flops`): per layer and query
+    4·Hq·D·k forward over the k ≈ G/2 keys it sees, x (1 + 2.5 backward + 1 under remat
+    "full"); G = N for full attention."""
+    sparse = cfg.attention_train in ("s2", "short")
+    group = cfg.s2_group(seq_len) if sparse else seq_len
+    forward = 4 * cfg.num_attention_heads * cfg.head_dim * tokens * (group + 1) / 2
+    return float(forward * cfg.num_hidden_layers
+                 * (1 + 2.5 + (1 if cfg.remat_policy == "full" else 0)))
 
 
 # ----------------------------------------------------------------------------- compile

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from longlora_jax.io.base import abstract_variables
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
-from longlora_jax.modeling.loss import chunked_cross_entropy
+from longlora_jax.modeling.loss import chunked_cross_entropy, fused_cross_entropy
 from longlora_jax.parallel import rules
 from longlora_jax.training.optim import lr_schedule, make_optimizer
 
@@ -57,11 +57,14 @@ class StepOptions:
     loss_chunk: tokens per chunk of the chunked cross-entropy.
     mask_documents: pass `segment_ids` to attention so packed documents do not attend to
       each other (the official recipe does not; off by default).
+    fused_loss: the training loss computes the LM head's gradients in its forward pass
+      (`modeling.loss.fused_cross_entropy`: no logits recomputed in the backward).
     """
 
     accum_steps: int = 1
     loss_chunk: int = 1024
     mask_documents: bool = False
+    fused_loss: bool = True
 
 
 def loss_and_count(
@@ -88,6 +91,11 @@ def loss_and_count(
         return_hidden=True,
         rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
     )
+
+    if train and options.fused_loss:
+        w_ev = model.apply(variables, method=LlamaForCausalLM.output_weight)
+        return fused_cross_entropy(h_bne, w_ev, batch["targets"], batch["loss_mask"],
+                                   chunk=options.loss_chunk, dtype=model.cfg.dtype)
 
     def project(h):
         return model.apply(variables, h, method=LlamaForCausalLM.project)
