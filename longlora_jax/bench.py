@@ -5,20 +5,27 @@ also writes them):
   attention   S2-Attn vs full causal attention vs PyTorch's fused SDPA, forward + backward:
               wall time, compiled FLOPs and temporary memory (`benchmarks.attention`).
   train       tokens/s of our LongLoRA train step vs transformers + PEFT on a SmolLM2-shaped
-              model (`benchmarks.train_step`).
+              model, and its useful-FLOPs efficiency (`benchmarks.train_step`).
+  longest     the longest sequence whose LoRA+ training step runs in this machine's memory,
+              ours and the peer's, each trial in a watched subprocess (`benchmarks.longest`).
 """
 
 import sys
 
-from longlora_jax.benchmarks import attention, train_step
+from longlora_jax.benchmarks import attention, longest, train_step
 from longlora_jax.cli import Command, dispatch
 
-SUBCOMMANDS = {
-    "attention": Command("bench attention", attention.__doc__, attention.run,
-                         default_config=attention.default_config),
-    "train": Command("bench train", train_step.__doc__, train_step.run,
-                     default_config=train_step.default_config),
-}
+def _command(name, module) -> Command:
+    def run(config) -> int:
+        module.run(config)  # prints (and with --json writes) its table
+        return 0
+
+    return Command(f"bench {name}", module.__doc__, run, default_config=module.default_config)
+
+
+SUBCOMMANDS = {"attention": _command("attention", attention),
+               "train": _command("train", train_step),
+               "longest": _command("longest", longest)}
 
 if __name__ == "__main__":
     sys.exit(dispatch("bench", __doc__, SUBCOMMANDS))

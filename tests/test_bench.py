@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
+
 from longlora_jax.bench import SUBCOMMANDS
-from longlora_jax.benchmarks import attention, train_step
+from longlora_jax.benchmarks import attention, longest, train_step
 from longlora_jax.cli import parse
 
 
@@ -35,3 +37,23 @@ def test_train_bench_runs_both_steps_side_by_side(tmp_path, capsys):
         assert row[f"{name} tokens/s"] == 256 / row[f"{name} s/step"]
     assert row["speedup"] == row["hf_peft s/step"] / row["longlora_jax s/step"]
     assert "| N | layers | remat | longlora_jax s/step |" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["model GFLOP/step"] > 0 and row["XLA matmul GFLOP/s"] > 0
+    assert row["efficiency"] == pytest.approx(
+        row["model GFLOP/step"] / row["longlora_jax s/step"] / row["XLA matmul GFLOP/s"])
+
+
+def test_longest_context_trials_run_in_watched_subprocesses(tmp_path):
+    """Tiny lengths run; a memory budget below what a step needs is a killed trial, reported
+    (not a crash) and bisected."""
+    config = parse(SUBCOMMANDS["longest"], [
+        "--systems", "longlora_jax", "--start", "128", "--max_length", "256", "--layers", "1",
+        "--resolution", "64", "--json", str(tmp_path / "a.json")])
+    (row,) = longest.run(config)
+    assert row["longest N"] == 256 and row["first N that failed"] is None
+    assert all(t["ok"] for t in row["trials"]) and row["peak GiB at it"] > 0
+    config.memory_gb = 0.05  # a step needs more: killed by the watchdog
+    config.max_length = 128
+    (row,) = longest.run(config)
+    assert row["longest N"] is None and row["first N that failed"] == 128
+    assert row["how it failed"] == "killed: over 0.05 GB"

@@ -1,6 +1,6 @@
 """The LongLoRA train step vs transformers + PEFT: `python -m longlora_jax.bench train`.
 
-Our jitted step (S2-Attn G = N/4, LoRA+ r=8, chunked cross-entropy, AdamW) on a random
+Our jitted step (S2-Attn G = N/4, LoRA+ r=8, fused chunked cross-entropy, AdamW) on a random
 SmolLM2-shaped model against transformers' LLaMA (SDPA) + PEFT LoRA with trainable embeddings
 and norms, gradient checkpointing and torch AdamW: batch 1, fp32, same process, interleaved,
 min of the timed steps.
@@ -8,9 +8,11 @@ min of the timed steps.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -19,6 +21,7 @@ from longlora_jax.io.base import init_variables
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.parallel.mesh import single_device_mesh
+from longlora_jax.training.fit import model_flops
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, build_train_setup, init_state
 
@@ -34,13 +37,35 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss_chunk = 1024
     return c
 
-def _train_step_variant(n: int, config) -> Variant:
-    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape."""
-    cfg = LlamaConfig.preset(
-        "smollm2-135m", num_hidden_layers=config.layers, scan_layers=True,
-        remat_policy=config.remat, attention_train="s2", s2_group_size_ratio=config.group_ratio,
-        lora_rank=8, lora_alpha=16.0, max_position_embeddings=max(n, 8192),
+
+def smollm2_shape(n: int, layers: int, remat: str, group_ratio: float) -> LlamaConfig:
+    """The benchmarked model: SmolLM2-135M's shape (random), S2 at G = ratio x N, LoRA r=8."""
+    return LlamaConfig.preset(
+        "smollm2-135m", num_hidden_layers=layers, scan_layers=True, remat_policy=remat,
+        attention_train="s2", s2_group_size_ratio=group_ratio, lora_rank=8, lora_alpha=16.0,
+        max_position_embeddings=max(n, 8192),
     )
+
+
+def matmul_rate() -> float:
+    """FLOP/s XLA reaches here on the model's largest matmul shapes (fp32, best of a few):
+    the roof that the step's useful FLOPs are measured against."""
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for m, k, n in ((2048, 576, 49152), (4096, 576, 1536), (4096, 1536, 576)):
+        a = jax.device_put(rng.standard_normal((m, k), np.float32))
+        b = jax.device_put(rng.standard_normal((k, n), np.float32))
+        dot = jax.jit(jnp.dot)
+        dot(a, b).block_until_ready()
+        for _ in range(3):
+            start = time.perf_counter()
+            dot(a, b).block_until_ready()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+def our_step(n: int, config) -> Variant:
+    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape."""
+    cfg = smollm2_shape(n, config.layers, config.remat, config.group_ratio)
     setup = build_train_setup(
         LlamaForCausalLM(cfg), single_device_mesh(), mode="lora_plus",
         optim_cfg=default_optim_config(), options=StepOptions(loss_chunk=config.loss_chunk),
@@ -61,7 +86,7 @@ def _train_step_variant(n: int, config) -> Variant:
     return Variant("longlora_jax", run)
 
 
-def _hf_peft_variant(n: int, config) -> Variant:
+def peer_step(n: int, config) -> Variant:
     """transformers LLaMA (SDPA) + PEFT LoRA with trainable embeddings and norms (the
     official LongLoRA recipe), gradient checkpointing, torch AdamW: the PyTorch peer."""
     import torch
@@ -96,12 +121,15 @@ def _hf_peft_variant(n: int, config) -> Variant:
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """Training-step throughput: our LongLoRA step vs transformers + PEFT, same shapes."""
+    """Training-step throughput: our LongLoRA step vs transformers + PEFT, same shapes; and
+    our useful-FLOPs efficiency: the step's counted model FLOPs per second over the matmul
+    rate XLA reaches in the same run."""
     rows = []
+    roof = matmul_rate()
     for n in config.lengths:
-        variants = [_train_step_variant(n, config)]
+        variants = [our_step(n, config)]
         if config.torch:
-            variants.append(_hf_peft_variant(n, config))
+            variants.append(peer_step(n, config))
         time_round_robin(variants, config)
         row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.remat}
         for v in variants:
@@ -109,6 +137,12 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             row[f"{v.name} tokens/s"] = n / min(v.seconds)
         if len(variants) == 2:
             row["speedup"] = min(variants[1].seconds) / min(variants[0].seconds)
+        flops = model_flops(smollm2_shape(n, config.layers, config.remat, config.group_ratio),
+                            tokens=n, seq_len=n, mode="lora_plus")
+        row["model GFLOP/step"] = flops / 1e9
+        row["GFLOP/s"] = flops / min(variants[0].seconds) / 1e9
+        row["XLA matmul GFLOP/s"] = roof / 1e9
+        row["efficiency"] = flops / min(variants[0].seconds) / roof
         rows.append(row)
         print(f"done N={n}", flush=True)
     meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
@@ -119,4 +153,5 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 
 _TRAIN_COLUMNS = ("N", "layers", "remat", "longlora_jax s/step", "hf_peft s/step",
-                  "longlora_jax tokens/s", "hf_peft tokens/s", "speedup")
+                  "longlora_jax tokens/s", "hf_peft tokens/s", "speedup", "model GFLOP/step",
+                  "GFLOP/s", "XLA matmul GFLOP/s", "efficiency")
