@@ -46,7 +46,7 @@ def test_resume_is_exact(straight, tmp_path):
     train.train(_config("--config.max_steps=3", "--config.checkpoint.every=3"), tmp_path)
     assert Checkpointer(tmp_path, every=0, keep=1).steps() == [3]
     summary = train.train(_config("--config.max_steps=6", "--config.checkpoint.every=3"), tmp_path)
-    assert summary["start_step"] == 3
+    assert summary["segments"][-1]["start_step"] == 3
     resumed = _losses(tmp_path)
     for step in (4, 5, 6):
         assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
@@ -180,7 +180,7 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
-    assert summary["start_step"] == 2
+    assert summary["segments"][-1]["start_step"] == 2
     assert "unreadable" in capsys.readouterr().out
 
 
