@@ -8,8 +8,8 @@ files one per line (`text_field` of each JSON object). Empty documents are dropp
 
 Files are read as UTF-8. Bytes that do not decode become U+FFFD, and the file is named in a
 warning with the share of its bytes replaced; more than `MAX_REPLACED_SHARE` replaced is a
-DataError (random or compressed bytes come out near 43%, a binary executable near 27%, text
-in a legacy 8-bit Western encoding such as Latin-1 at a few percent). The check runs when the
+DataError (random, compressed or binary bytes come out well above it, text in a legacy 8-bit
+Western encoding such as Latin-1 well below; README, "Reliability"). The check runs when the
 files are prepared, i.e. once per distinct set of input files.
 """
 
