@@ -17,7 +17,7 @@ import pytest
 
 from longlora_jax.errors import CheckpointError, ConfigError
 from longlora_jax.training import loop as train
-from longlora_jax.training.lock import WorkdirBusy, hold_workdir
+from longlora_jax.training.lock import WorkdirError, hold_workdir
 from tests.helpers import (
     REPO_ROOT,
     TINY_CONFIG,
@@ -58,9 +58,16 @@ def test_second_run_is_refused_and_a_killed_holder_does_not_block(tmp_path):
         holder.wait()
     # The dead holder's flock went with it; this process takes the workdir, and a run on it
     # is then refused in the same way (flock conflicts between two opens in one process).
-    busy = pytest.raises(WorkdirBusy, match=f"pid {os.getpid()} on host")
+    busy = pytest.raises(WorkdirError, match=f"pid {os.getpid()} on host")
     with hold_workdir(tmp_path), busy:
         train.train(tiny_config(), tmp_path)
+
+
+def test_unwritable_workdir_is_one_line(small_fs):
+    workdir = small_fs("ro,size=1m")
+    with pytest.raises(WorkdirError, match=(
+            rf"^cannot write to workdir {workdir} \(Read-only file system\); use a writable")):
+        train.train(tiny_config(), workdir)
 
 
 def test_workdir_url_is_refused(tmp_path):

@@ -2,7 +2,7 @@
 
 Process 0 takes an exclusive `flock` on WORKDIR/train.lock (without waiting) and writes who
 holds it (pid, host, start time) into the file; every process of the run learns whether it
-got it. A second run on the same workdir raises `WorkdirBusy` naming the holder. The kernel
+got it. A second run on the same workdir raises `WorkdirError` naming the holder. The kernel
 drops a flock when its process dies, SIGKILL included, so a killed run never blocks the next
 one; the file stays behind with the dead holder's details, which are only ever read while the
 lock is held by someone else.
@@ -25,6 +25,7 @@ import os
 import pathlib
 import socket
 from collections.abc import Iterator
+from typing import TextIO
 
 from longlora_jax.errors import UserError
 from longlora_jax.parallel.distributed import any_process, is_main_process
@@ -33,11 +34,11 @@ LOCK_FILE = "train.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-class WorkdirBusy(UserError):
-    """Another run holds the workdir."""
+class WorkdirError(UserError):
+    """The workdir cannot be taken: another run holds it, or it cannot be written."""
 
 
-def _holder(handle) -> str:
+def _holder(handle: TextIO) -> str:
     handle.seek(0)
     try:
         who = json.loads(handle.read() or "{}")
@@ -48,43 +49,47 @@ def _holder(handle) -> str:
     return f"pid {who.get('pid')} on host {who.get('host')} since {who.get('since')}"
 
 
+def _take(workdir: pathlib.Path) -> tuple[TextIO | None, str]:
+    """(open handle holding the flock, "") or (None, why the workdir is refused); (None, "")
+    where the file system has no locks."""
+    path = workdir / LOCK_FILE
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 (kept open while the lock is held)
+    except OSError as err:
+        return None, f"cannot write to workdir {workdir} ({err.strerror}); use a writable --workdir"
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(handle)
+        handle.close()
+        return None, (f"workdir {workdir} is in use by another train run: {holder}; wait for it "
+                      "to end or use another --workdir")
+    except OSError as err:
+        handle.close()
+        if err.errno not in _NO_LOCKS:
+            raise
+        print(f"warning: cannot lock {path} ({err.strerror}); a second train run on this "
+              "workdir would not be refused", flush=True)
+        return None, ""
+    handle.seek(0)
+    handle.truncate()
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+    handle.flush()
+    return handle, ""
+
+
 @contextlib.contextmanager
 def hold_workdir(workdir: pathlib.Path) -> Iterator[None]:
     """Holds `workdir` for this run for the with-block (every process of the run calls it).
 
-    Raises WorkdirBusy on every process when another run holds it.
+    Raises WorkdirError on every process when another run holds it or it cannot be written.
     """
-    path = workdir / LOCK_FILE
-    handle = None
-    busy = ""
-    if is_main_process():
-        handle = open(path, "a+")  # noqa: SIM115 (held across the with-block)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            busy = _holder(handle)
-            handle.close()
-            handle = None
-        except OSError as err:
-            if err.errno not in _NO_LOCKS:
-                raise
-            print(f"warning: cannot lock {path} ({err.strerror}); a second train run on this "
-                  "workdir would not be refused", flush=True)
-            handle.close()
-            handle = None
-        if handle is not None:
-            handle.seek(0)
-            handle.truncate()
-            since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "since": since}))
-            handle.flush()
-    if any_process(bool(busy)):
-        raise WorkdirBusy(
-            f"workdir {workdir} is in use by another train run: {busy}; wait for it to end "
-            "or use another --workdir" if busy else
-            f"workdir {workdir} is in use by another train run (process 0 says by whom)")
+    handle, refused = _take(workdir) if is_main_process() else (None, "")
     try:
+        if any_process(bool(refused)):
+            raise WorkdirError(refused or f"process 0 could not take workdir {workdir} (see its "
+                               "error)")
         yield
     finally:
         if handle is not None:

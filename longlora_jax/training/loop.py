@@ -139,7 +139,7 @@ def train(config: ml_collections.ConfigDict,
     """Runs (or resumes) the training described by `config`; returns the summary.
 
     workdir: the run directory (default `config.workdir`), a file system path; one run at a
-    time (`training.lock`: WorkdirBusy names the one holding it). `config` is not modified.
+    time (`training.lock`: WorkdirError names the one holding it). `config` is not modified.
     """
     if not (workdir or config.workdir):
         raise ConfigError("workdir is required (--workdir DIR)")
