@@ -48,6 +48,21 @@ def train_config(config_file: str, *overrides: str):
     return parse(train.COMMAND, ["--config", config_file, *overrides])
 
 
+def train_cli(workdir, cache_dir) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of `python -m longlora_jax.train` on the tiny config (TINY_FAST)
+    in a subprocess: CPU, this checkout, the matmul precision of the test process
+    (conftest.py), and a persistent compilation cache in `cache_dir` so that launches after
+    the first skip the compile."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
+               JAX_DEFAULT_MATMUL_PRECISION="highest",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "-m", "longlora_jax.train", "--config", TINY_CONFIG, "--workdir",
+           str(workdir), *TINY_FAST]
+    return cmd, env
+
+
 def tiny_config(*overrides: str):
     """configs/tiny_cpu.py with TINY_FAST and `overrides`."""
     return train_config(TINY_CONFIG, *TINY_FAST, *overrides)

@@ -18,7 +18,7 @@ from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
-from tests.helpers import REPO_ROOT, run_python, tensorboard_scalars
+from tests.helpers import REPO_ROOT, run_python, tensorboard_scalars, train_cli
 from tests.helpers import TINY_CONFIG as CONFIG
 from tests.helpers import TINY_FAST as FAST
 from tests.helpers import logged_losses as _losses
@@ -101,14 +101,9 @@ def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
     rng = random.Random(seed)
     workdir = tmp_path / "killed"
     metrics = workdir / "metrics.jsonl"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
-               JAX_DEFAULT_MATMUL_PRECISION="highest",  # as in this process (conftest.py)
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "longlora_jax.train", "--config", CONFIG, "--workdir",
-           str(workdir), *FAST, "--config.checkpoint.async_save=True", "--config.max_steps=6",
-           "--config.checkpoint.every=1", "--config.checkpoint.keep=2"]
+    cmd, env = train_cli(workdir, tmp_path / "xla_cache")
+    cmd += ["--config.checkpoint.async_save=True", "--config.max_steps=6",
+            "--config.checkpoint.every=1", "--config.checkpoint.keep=2"]
     kills = []
     for _ in range(3):
         done = (_finished_steps(workdir) or [0])[-1]
