@@ -19,6 +19,7 @@ import pytest
 from longlora_jax.errors import CheckpointError, ConfigError
 from longlora_jax.training import loop as train
 from longlora_jax.training.lock import WorkdirError, hold_workdir
+from longlora_jax.training.metrics import MetricsWriteError, MetricsWriter
 from tests.helpers import (
     REPO_ROOT,
     logged_rows,
@@ -67,6 +68,19 @@ def test_unwritable_workdir_is_one_line(small_fs):
     with pytest.raises(WorkdirError, match=(
             rf"^cannot write to workdir {workdir} \(Read-only file system\); use a writable")):
         train.train(tiny_config(), workdir)
+
+
+def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl.tmp").mkdir()  # where the resumed records are written first
+    with pytest.raises(MetricsWriteError, match=r"^cannot write .*metrics.jsonl: Is a direc"):
+        MetricsWriter(tmp_path, enabled=True, total_steps=2, resume_step=1)
+    (tmp_path / "metrics.jsonl.tmp").rmdir()
+    writer = MetricsWriter(tmp_path, enabled=True, total_steps=2, resume_step=None)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(MetricsWriteError, match=r"^cannot append to .*metrics.jsonl: Is a dir"):
+        writer.write(1, {"loss": 1.0})
+    writer.close()
 
 
 def test_workdir_url_is_refused(tmp_path):
@@ -136,8 +150,8 @@ def small_fs(tmp_path):
 
 
 def _fill_bytes(folder, leave: int) -> None:
-    """Fills the file system of `folder` up to `leave` bytes."""
-    with open(folder / "filler", "wb") as f, contextlib.suppress(OSError):
+    """Fills the file system of `folder` up to `leave` bytes (FOLDER/filler)."""
+    with open(folder / "filler", "ab") as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
             f.flush()
@@ -148,6 +162,9 @@ def test_full_disk_stops_before_writing_and_keeps_the_newest_checkpoint(small_fs
     workdir = small_fs("size=16m") / "run"
     overrides = ["--config.checkpoint.every=1", "--config.checkpoint.keep=3"]
     train.train(tiny_config("--config.max_steps=2", *overrides), workdir)
+    _fill_bytes(workdir.parent, leave=0)
+    with pytest.raises(WorkdirError, match=r"^cannot write to workdir .* \(No space left on "):
+        train.train(tiny_config("--config.max_steps=4", *overrides), workdir)
     _fill_bytes(workdir.parent, leave=256 * 1024)  # metrics fit, a checkpoint (~0.5 MiB) not
     with pytest.raises(CheckpointError, match=(
             r"^not enough space for checkpoint 3 in .*: it needs about 0\.\d MiB, 0\.\d+ MiB "

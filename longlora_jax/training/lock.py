@@ -25,7 +25,7 @@ import os
 import pathlib
 import socket
 from collections.abc import Iterator
-from typing import TextIO
+from typing import BinaryIO
 
 from longlora_jax.errors import UserError
 from longlora_jax.parallel.distributed import any_process, is_main_process
@@ -38,10 +38,10 @@ class WorkdirError(UserError):
     """The workdir cannot be taken: another run holds it, or it cannot be written."""
 
 
-def _holder(handle: TextIO) -> str:
+def _holder(handle: BinaryIO) -> str:
     handle.seek(0)
     try:
-        who = json.loads(handle.read() or "{}")
+        who = json.loads(handle.read() or b"{}")
     except json.JSONDecodeError:
         who = {}
     if not who:
@@ -49,14 +49,16 @@ def _holder(handle: TextIO) -> str:
     return f"pid {who.get('pid')} on host {who.get('host')} since {who.get('since')}"
 
 
-def _take(workdir: pathlib.Path) -> tuple[TextIO | None, str]:
+def _take(workdir: pathlib.Path) -> tuple[BinaryIO | None, str]:
     """(open handle holding the flock, "") or (None, why the workdir is refused); (None, "")
     where the file system has no locks."""
     path = workdir / LOCK_FILE
+    unwritable = f"cannot write to workdir {workdir} ({{}}); use a writable --workdir"
     try:
-        handle = open(path, "a+")  # noqa: SIM115 (kept open while the lock is held)
+        # unbuffered: a failed write (a full disk) leaves nothing for close() to retry
+        handle = open(path, "a+b", buffering=0)  # noqa: SIM115 (open while the lock is held)
     except OSError as err:
-        return None, f"cannot write to workdir {workdir} ({err.strerror}); use a writable --workdir"
+        return None, unwritable.format(err.strerror)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,11 +73,15 @@ def _take(workdir: pathlib.Path) -> tuple[TextIO | None, str]:
         print(f"warning: cannot lock {path} ({err.strerror}); a second train run on this "
               "workdir would not be refused", flush=True)
         return None, ""
-    handle.seek(0)
-    handle.truncate()
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": since}).encode())
+    except OSError as err:  # a full disk
+        handle.close()
+        return None, unwritable.format(err.strerror)
     return handle, ""
 
 

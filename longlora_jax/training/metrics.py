@@ -36,7 +36,8 @@ class MetricsWriteError(UserError):
 
 
 def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a torn last line (a killed writer) is left out."""
+    """The rows of a metrics.jsonl; lines that do not parse (the torn last line of a killed
+    writer) are left out."""
     if not path.exists():
         return []
     records = []
