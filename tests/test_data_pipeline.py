@@ -1,6 +1,9 @@
 """The grain training pipeline: determinism, exact resume, per-process sharding, sources."""
 
+import codecs
 import json
+import pathlib
+import re
 import time
 
 import numpy as np
@@ -143,6 +146,59 @@ def test_jsonl_documents_come_from_the_text_field(tmp_path):
     cfg.text_field = "text"
     with pytest.raises(DataError, match=r"docs.jsonl:1 has no string field 'text'"):
         sources.documents(cfg)
+
+
+def _replaced_reference(data: bytes) -> int:
+    """Bytes that a lenient UTF-8 decoding replaces, counted by the codec's own error calls."""
+    spans = []
+
+    def count(err: UnicodeDecodeError):
+        spans.append(err.end - err.start)
+        return "\ufffd", err.end
+
+    codecs.register_error("test_count_replaced", count)
+    data.decode("utf-8", errors="test_count_replaced")
+    return sum(spans)
+
+
+def _warnings(out: str) -> dict[str, tuple[str, int]]:
+    found = re.findall(r"warning: (\S+): ([\d.]+%) of its bytes \((\d+)\) are not UTF-8", out)
+    return {pathlib.Path(name).name: (share, int(n)) for name, share, n in found}
+
+
+def test_text_that_is_not_utf8_is_reported_or_refused(tmp_path, capsys):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    latin1 = "Déjà vu à la crème brûlée, über naïve façades. " * 20
+    (folder / "latin1.txt").write_bytes(latin1.encode("latin-1"))
+    # Already UTF-8 replacement characters, a cut multi-byte sequence, an encoded surrogate.
+    odd = "ok \ufffd fine ".encode() + "é".encode()[:1] + b" \xed\xa0\x80 end"
+    (folder / "odd.txt").write_bytes(odd)
+    (folder / "clean.txt").write_text("plain ascii text")
+    cfg = _cfg(source="text_files", paths=(str(folder),), tfds_data_dir=str(tmp_path / "tfds"))
+    docs = sources.documents(cfg)
+    warned = _warnings(capsys.readouterr().out)
+    for name, data in (("latin1.txt", latin1.encode("latin-1")), ("odd.txt", odd)):
+        replaced = _replaced_reference(data)
+        assert warned[name] == (f"{replaced / len(data):.2%}", replaced), name
+    assert "clean.txt" not in warned
+    texts = [docs[i].text for i in range(len(docs))]
+    assert "".join(c if c.isascii() else "\ufffd" for c in latin1) in texts
+
+    lines = [json.dumps({"text": "fine"}).encode(), b'{"text": "caf\xe9 cr\xe8me"}']
+    (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines))
+    sources.documents(_cfg(source="jsonl", paths=(str(tmp_path / "docs.jsonl"),),
+                           tfds_data_dir=str(tmp_path / "tfds")))
+    data = b"\n".join(lines)
+    assert _warnings(capsys.readouterr().out)["docs.jsonl"][1] == _replaced_reference(data)
+
+    noise = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    (tmp_path / "noise.bin").write_bytes(noise)
+    share = _replaced_reference(noise) / len(noise)
+    with pytest.raises(DataError, match=rf"noise.bin: {share:.0%} of its bytes are not UTF-8 "
+                       r"\(more than 25% is refused\)"):
+        sources.documents(_cfg(source="text_files", paths=(str(tmp_path / "noise.bin"),),
+                               tfds_data_dir=str(tmp_path / "tfds")))
 
 
 def test_local_files_are_read_without_tensorflow(text_files):

@@ -124,6 +124,6 @@ def test_two_processes_resume_and_evaluate(tmp_path):
     single = _single(tmp_path / "single", "--config.max_steps=3", *evals)
     _assert_close(_losses(tmp_path / "multi"), single)
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
-    assert summary["start_step"] == 2
+    assert summary["segments"][-1]["start_step"] == 2
     want = json.loads((tmp_path / "single" / "summary.json").read_text())["eval_after"]["ppl"]
     assert abs(summary["eval_after"]["ppl"] - want) <= 1e-4 * want

@@ -1,8 +1,10 @@
 """The training entry point: exact resume, SIGTERM, sharded == unsharded, bad input."""
 
+import contextlib
+import itertools
 import json
 import os
-import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -16,23 +18,11 @@ from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
-from tests.helpers import REPO_ROOT, run_python, train_config
-
-CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
-FAST = [
-    "--config.seq_len=128", "--config.batch.global_batch=2", "--config.eval.before=False",
-    "--config.eval.after=False", "--config.checkpoint.async_save=False",
-    "--config.data.prefetch=0",
-]
-
-
-def _config(*overrides: str):
-    return train_config(CONFIG, *FAST, *overrides)
-
-
-def _losses(workdir: pathlib.Path) -> dict[int, float]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+from tests.helpers import REPO_ROOT, run_python, tensorboard_scalars, train_cli
+from tests.helpers import TINY_CONFIG as CONFIG
+from tests.helpers import TINY_FAST as FAST
+from tests.helpers import logged_losses as _losses
+from tests.helpers import tiny_config as _config
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ def test_resume_is_exact(straight, tmp_path):
     train.train(_config("--config.max_steps=3", "--config.checkpoint.every=3"), tmp_path)
     assert Checkpointer(tmp_path, every=0, keep=1).steps() == [3]
     summary = train.train(_config("--config.max_steps=6", "--config.checkpoint.every=3"), tmp_path)
-    assert summary["start_step"] == 3
+    assert summary["segments"][-1]["start_step"] == 3
     resumed = _losses(tmp_path)
     for step in (4, 5, 6):
         assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
@@ -85,6 +75,75 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     resumed, reference = _losses(workdir), _losses(straight)
     for step in range(steps[0] + 1, end + 1):
         assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed, reference)
+
+
+def _finished_steps(workdir) -> list[int]:
+    folder = workdir / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.exists() else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _max_logged_step(metrics) -> int:
+    """The newest step with a loss in metrics.jsonl as it is right now (a line may be torn)."""
+    steps = [0]
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            steps.append(json.loads(line).get("step", 0))
+    return max(steps)
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
+    """`kill -9` at random moments (asynchronous saves every step, so kills land mid-step,
+    mid-save and mid-write), then a launch that finishes: the same losses as a run never
+    interrupted, every step logged once (metrics.jsonl and TensorBoard), the summary covers
+    every segment, no temporary checkpoint directory is left and no kill blocked a launch."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    workdir = tmp_path / "killed"
+    metrics = workdir / "metrics.jsonl"
+    cmd, env = train_cli(workdir, tmp_path / "xla_cache")
+    cmd += ["--config.checkpoint.async_save=True", "--config.max_steps=6",
+            "--config.checkpoint.every=1", "--config.checkpoint.keep=2"]
+    kills = []
+    for _ in range(3):
+        done = (_finished_steps(workdir) or [0])[-1]
+        if done >= 5:
+            break
+        target = rng.randint(done + 1, 5)
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        # Rows after `done` left by the previous kill go first (the resume cuts them), then
+        # the run reaches `target`.
+        deadline = time.time() + 180
+        cut = False
+        while proc.poll() is None and time.time() < deadline:
+            newest = _max_logged_step(metrics)
+            cut = cut or newest <= done
+            if cut and newest >= target:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, (seed, kills, proc.communicate()[1])
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        kills.append((done, target))
+    final = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert final.returncode == 0, (seed, kills, final.stderr)
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    logged = [r["step"] for r in rows if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6], (seed, kills, logged)
+    assert _losses(workdir) == straight, (seed, kills)
+    scalars = tensorboard_scalars(workdir / "tensorboard")
+    want = [(r["step"], np.float32(r["loss"])) for r in rows if "loss" in r]
+    assert scalars["loss"] == want, (seed, kills)
+    summary = json.loads((workdir / "summary.json").read_text())
+    segments = summary["segments"]
+    assert segments[0]["start_step"] == 0 and segments[-1]["end_step"] == 6
+    assert all(a["end_step"] == b["start_step"] for a, b in itertools.pairwise(segments))
+    assert summary["tokens"] == sum(r["tokens"] for r in rows)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["5", "6"]
 
 
 def test_sharded_equals_unsharded():
@@ -180,7 +239,7 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
-    assert summary["start_step"] == 2
+    assert summary["segments"][-1]["start_step"] == 2
     assert "unreadable" in capsys.readouterr().out
 
 

@@ -23,7 +23,9 @@ def default_data_config() -> ml_collections.ConfigDict:
                        "text_files": `paths` are text files (one document per file), directories
                          (every file below, sorted) or glob patterns;
                        "jsonl": `paths` are JSON-lines files, one document per line in
-                         `text_field` (both go through a local TFDS builder, array_record);
+                         `text_field` (both go through a local TFDS builder, array_record;
+                         both are read as UTF-8: a file with bytes that are not is named in a
+                         warning, one with more than a quarter of them refused);
                        "tfds": the TFDS catalog dataset `tfds_name`/`tfds_split` prepared in
                          `tfds_data_dir` (e.g. pg19 on a TPU VM), read without TensorFlow;
                        "sft_json": `paths` are LongAlpaca-format JSON files (SFT);

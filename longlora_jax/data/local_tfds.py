@@ -5,6 +5,12 @@ set of input files, keyed by a fingerprint of their paths, sizes and mtimes) a T
 features {"name": Text, "text": Text} and returns its random-access data source
 (`builder.as_data_source`, records of bytes). Text files give one document per file, jsonl
 files one per line (`text_field` of each JSON object). Empty documents are dropped.
+
+Files are read as UTF-8. Bytes that do not decode become U+FFFD, and the file is named in a
+warning with the share of its bytes replaced; more than `MAX_REPLACED_SHARE` replaced is a
+DataError (random, compressed or binary bytes come out well above it, text in a legacy 8-bit
+Western encoding such as Latin-1 well below; README, "Reliability"). The check runs when the
+files are prepared, i.e. once per distinct set of input files.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import tensorflow_datasets as tfds
 from longlora_jax.data.assets import file_lock
 from longlora_jax.errors import DataError
 
+# The largest share of a file's bytes that may be replaced (not UTF-8) before it is refused.
+MAX_REPLACED_SHARE = 0.25
+_REPLACEMENT = "\ufffd"
+
 
 @dataclasses.dataclass(eq=False)
 class LocalTextConfig(tfds.core.BuilderConfig):
@@ -33,7 +43,7 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 class LongloraLocalText(tfds.core.GeneratorBasedBuilder):
     """Documents from local files; one TFDS config per fingerprint of the inputs."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -51,18 +61,49 @@ class LongloraLocalText(tfds.core.GeneratorBasedBuilder):
         config: LocalTextConfig = self.builder_config
         for file_index, file in enumerate(config.files):
             if config.kind == "text":
-                text = pathlib.Path(file).read_text(encoding="utf-8", errors="replace")
+                data = pathlib.Path(file).read_bytes()
+                text, replaced = _decode_utf8(data)
+                _check_decoded(file, replaced, len(data))
                 if text.strip():
                     yield f"{file_index:08d}", {"name": file, "text": text}
                 continue
-            with open(file, encoding="utf-8") as lines:
-                for line_no, line in enumerate(lines, start=1):
+            replaced = size = 0
+            with open(file, "rb") as lines:
+                for line_no, raw in enumerate(lines, start=1):
+                    line, bad = _decode_utf8(raw)
+                    replaced, size = replaced + bad, size + len(raw)
                     if not line.strip():
                         continue
                     text = _jsonl_text(line, file, line_no, config.text_field)
                     if text.strip():
                         yield (f"{file_index:08d}:{line_no:010d}",
                                {"name": f"{file}:{line_no}", "text": text})
+            _check_decoded(file, replaced, size)
+
+
+def _decode_utf8(data: bytes) -> tuple[str, int]:
+    """(text, number of bytes of `data` replaced by U+FFFD) of a lenient UTF-8 decoding.
+
+    Valid sequences decode to exactly their own bytes, and an encoded U+FFFD already in
+    `data` (EF BF BD) always decodes as itself, so the replaced bytes are what is left over.
+    """
+    text = data.decode("utf-8", errors="replace")
+    decoded = len(text.replace(_REPLACEMENT, "").encode("utf-8"))
+    return text, len(data) - decoded - 3 * data.count(_REPLACEMENT.encode("utf-8"))
+
+
+def _check_decoded(file: str, replaced: int, size: int) -> None:
+    """Warns about a file with bytes that are not UTF-8; DataError when they are too many."""
+    if not replaced:
+        return
+    share = replaced / size
+    if share > MAX_REPLACED_SHARE:
+        raise DataError(
+            f"{file}: {share:.0%} of its bytes are not UTF-8 (more than "
+            f"{MAX_REPLACED_SHARE:.0%} is refused); is it text? Convert it to UTF-8 (e.g. "
+            "iconv -f latin1 -t utf-8) or leave it out of data.paths")
+    print(f"warning: {file}: {share:.2%} of its bytes ({replaced}) are not UTF-8 and were "
+          "replaced by U+FFFD", flush=True)
 
 
 def _jsonl_text(line: str, file: str, line_no: int, field: str) -> str:

@@ -1,20 +1,27 @@
 """`train(config)`: one LongLoRA run, started or resumed in `config.workdir`.
 
+0. takes the workdir (`training.lock`: one run per workdir; a second one is refused);
 1. builds the run's LlamaConfig (`training.config.model_config`) and the device mesh;
 2. loads the frozen base (HF dir / GGUF / offline asset / random preset) straight into its
    shardings and adds fresh LoRA factors;
-3. resumes from the newest complete checkpoint in the workdir if there is one;
+3. resumes from the newest complete checkpoint in the workdir if there is one, cutting the
+   metrics back to its step (`training.metrics`);
 4. evaluates held-out perplexity with full attention, trains to `max_steps`, evaluates again;
-5. writes WORKDIR/metrics.jsonl, TensorBoard events and WORKDIR/summary.json.
+5. writes WORKDIR/metrics.jsonl, TensorBoard events and WORKDIR/summary.json (the whole run:
+   every segment of the checkpoint lineage, each launch that trained part of it).
 
 SIGTERM/SIGINT save a checkpoint at the current step and end the run cleanly (the handlers
 are the caller's again afterwards); a non-finite loss stops the run without saving, keeping
-the last good checkpoint.
+the last good checkpoint; a checkpoint that cannot be written (a full disk) stops it with
+one line, keeping the newest good checkpoint (`training.checkpoint`). A kill (SIGKILL, a lost
+machine) loses the steps after the newest checkpoint; the next launch trains them again, with
+the same data and the same results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import pathlib
 import signal
@@ -37,6 +44,7 @@ from longlora_jax.parallel.distributed import any_process, is_main_process
 from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.training.checkpoint import Checkpointer, fingerprint
 from longlora_jax.training.config import build_setup, with_epochs_resolved
+from longlora_jax.training.lock import hold_workdir
 from longlora_jax.training.metrics import MetricsWriter
 from longlora_jax.training.step import TrainSetup, init_state
 
@@ -97,18 +105,58 @@ def _evaluate(config, eval_fn, variables, docs, seq_len) -> dict[str, float]:
     )
 
 
+class _Segment:
+    """This launch's part of the run (a segment): from the step it started at to the newest
+    step, its training seconds (compiles included, evaluations before and after not) and
+    its tokens. Every checkpoint's meta carries the segments of its lineage."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self.started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.t0 = time.perf_counter()
+        self.tokens = 0.0
+
+    def record(self, step: int) -> dict[str, Any]:
+        return {"start_step": self.start_step, "end_step": step, "started": self.started,
+                "train_seconds": time.perf_counter() - self.t0, "tokens": self.tokens}
+
+
+def _run_summary(segments: list[dict[str, Any]], records: list[dict[str, Any]],
+                 **extra: Any) -> dict[str, Any]:
+    """summary.json: the whole run, all segments of its lineage (the checkpoints' meta) and
+    every evaluation in metrics.jsonl."""
+    seconds = sum(s["train_seconds"] for s in segments)
+    tokens = sum(s["tokens"] for s in segments)
+    evaluations = [{"step": r["step"], "ppl": r["eval_ppl"], "nll": r["eval_nll"]}
+                   for r in records if "eval_ppl" in r]
+    return {"end_step": segments[-1]["end_step"], "train_seconds": seconds, "tokens": tokens,
+            "tokens_per_sec": tokens / max(seconds, 1e-9), "segments": segments,
+            "evaluations": evaluations, **extra}
+
+
 def train(config: ml_collections.ConfigDict,
           workdir: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Runs (or resumes) the training described by `config`; returns the summary.
 
-    workdir: the run directory (default `config.workdir`). `config` is not modified.
+    workdir: the run directory (default `config.workdir`), a file system path; one run at a
+    time (`training.lock`: WorkdirError names the one holding it). `config` is not modified.
     """
     if not (workdir or config.workdir):
         raise ConfigError("workdir is required (--workdir DIR)")
     config = with_epochs_resolved(config)
-    workdir = pathlib.Path(workdir or config.workdir)
-    is_main = is_main_process()
+    where = str(workdir or config.workdir)
+    if "://" in where:
+        raise ConfigError(f"workdir={where!r} is a URL; train writes to a file system path "
+                          "(mount the bucket, e.g. with gcsfuse, and give the mount point)")
+    workdir = pathlib.Path(where)
     workdir.mkdir(parents=True, exist_ok=True)
+    with hold_workdir(workdir), contextlib.ExitStack() as stack:
+        return _train(config, workdir, stack)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           stack: contextlib.ExitStack) -> dict[str, Any]:
+    is_main = is_main_process()
     mesh = make_mesh(dict(config.mesh))
     setup, spec, global_batch = build_setup(config, mesh)
     cfg, model, seq_len = setup.model.cfg, setup.model, config.seq_len
@@ -117,8 +165,10 @@ def train(config: ml_collections.ConfigDict,
     checkpointer = Checkpointer(workdir, every=config.checkpoint.every,
                                 keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
+    stack.callback(checkpointer.close)
     expected = fingerprint(cfg, config.lora.mode)
     checkpointer.check_compatible(expected)
+    checkpointer.remove_unfinished()
 
     data_iter = make_train_iterator(
         config.data, tokenizer, seq_len=seq_len, global_batch=global_batch,
@@ -133,22 +183,23 @@ def train(config: ml_collections.ConfigDict,
         merge_trees(state.trainable, frozen), setup.labels
     )
     restored = checkpointer.restore_latest(setup.abstract_state, data_iter)
-    start_step = 0
-    writer = MetricsWriter(workdir, enabled=is_main, total_steps=config.max_steps)
+    start_step, segments = 0, []
     if restored is not None:
-        state, start_step = restored
-        writer.say(f"resumed from checkpoint at step {start_step} in {checkpointer.directory}")
+        state, start_step, restored_meta = restored
+        segments = list(restored_meta.get("segments", []))
     if start_step >= config.max_steps:
         # A finished run: leave its metrics and summary as they are.
-        checkpointer.close()
-        writer.close()
         print(f"nothing to do: the checkpoint is at step {start_step} and max_steps is "
               f"{config.max_steps}; raise --config.max_steps to train further", flush=True)
         summary_path = workdir / "summary.json"
         if summary_path.exists():
             return json.loads(summary_path.read_text())
-        return {"start_step": start_step, "end_step": start_step}
-    writer.progress(start_step, {})
+        return {"end_step": start_step, "segments": segments}
+    writer = MetricsWriter(workdir, enabled=is_main, total_steps=config.max_steps,
+                           resume_step=start_step if restored is not None else None)
+    stack.callback(writer.close)
+    if restored is not None:
+        writer.say(f"resumed from checkpoint at step {start_step} in {checkpointer.directory}")
     writer.say(
         f"model {spec} | {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"rope {cfg.rope_scaling.rope_type} x{cfg.rope_scaling.factor or 1} | "
@@ -171,23 +222,20 @@ def train(config: ml_collections.ConfigDict,
                                  setup.batch_sharding)
     wants_eval = config.eval.before or config.eval.after or config.eval.every
     docs = eval_documents(config.data, tokenizer) if wants_eval else []
-    summary: dict[str, Any] = {"start_step": start_step, "trainable_params": n_trainable,
-                               "total_params": n_total}
+    extra: dict[str, Any] = {"trainable_params": n_trainable, "total_params": n_total}
     if config.eval.before and start_step == 0:
         result = _evaluate(config, eval_fn, merge_trees(state.trainable, frozen), docs, seq_len)
-        summary["eval_before"] = result
+        extra["eval_before"] = result
         writer.say(f"eval before training: ppl {result['ppl']:.3f} over "
                    f"{result['windows']} windows ({int(result['tokens'])} tokens)")
         writer.write(start_step, {"eval_ppl": result["ppl"], "eval_nll": result["nll"]})
 
     step = start_step
-    t_start = time.perf_counter()
-    t_last = t_start
+    segment = _Segment(start_step)
+    t_last = segment.t0
     metrics = {}
     last_good_step = checkpointer.steps()[-1] if checkpointer.steps() else None
-    with contextlib.ExitStack() as stack:
-        stack.callback(checkpointer.close)
-        stop = stack.enter_context(_stop_on_signals())
+    with _stop_on_signals() as stop:
         while step < config.max_steps:
             batch = _global_batch(setup, next(data_iter))
             state, metrics = setup.step_fn(state, frozen, batch)
@@ -204,6 +252,7 @@ def train(config: ml_collections.ConfigDict,
             metrics["tokens_per_sec"] = metrics["tokens"] / max(now - t_last, 1e-9)
             metrics["step_time"] = now - t_last
             t_last = now
+            segment.tokens += metrics["tokens"]
             writer.progress(step, {"loss": metrics["loss"]})
             if step % config.log_every == 0 or step == config.max_steps:
                 writer.write(step, metrics)
@@ -212,24 +261,29 @@ def train(config: ml_collections.ConfigDict,
                                    seq_len)
                 writer.write(step, {"eval_ppl": result["ppl"], "eval_nll": result["nll"]})
             interrupted = stop.requested()
-            if checkpointer.save(step, state, data_iter, meta,
+            lineage = {**meta, "segments": [*segments, segment.record(step)]}
+            if checkpointer.save(step, state, data_iter, lineage,
                                  force=interrupted or step == config.max_steps):
                 last_good_step = step
             if interrupted:
                 checkpointer.wait()
                 writer.say(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
                            f"{checkpointer.directory}; rerun the same command to resume")
-                summary["interrupted_at"] = step
+                extra["interrupted_at"] = step
                 break
-    elapsed = time.perf_counter() - t_start
-    summary.update(end_step=step, train_seconds=elapsed, last_metrics=metrics)
-    if config.eval.after and step == config.max_steps and "interrupted_at" not in summary:
+    segments.append(segment.record(step))
+    extra["last_metrics"] = metrics
+    if config.eval.after and step == config.max_steps and "interrupted_at" not in extra:
         result = _evaluate(config, eval_fn, merge_trees(state.trainable, frozen), docs, seq_len)
-        summary["eval_after"] = result
+        extra["eval_after"] = result
         writer.say(f"eval after training:  ppl {result['ppl']:.3f} over "
                    f"{result['windows']} windows")
         writer.write(step, {"eval_ppl": result["ppl"], "eval_nll": result["nll"]})
-    writer.close()
+    checkpointer.wait()  # the summary is written once the last checkpoint is on disk
+    summary = _run_summary(segments, writer.records(), **extra)
+    before = [e for e in summary["evaluations"] if e["step"] == 0]
+    if "eval_before" not in summary and before:  # evaluated by an earlier segment
+        summary["eval_before"] = before[0]
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
@@ -237,8 +291,10 @@ def train(config: ml_collections.ConfigDict,
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"steps {summary['start_step']} -> {summary['end_step']} in "
-             f"{summary['train_seconds']:.1f} s"]
+    segments = summary["segments"]
+    lines = [f"steps {segments[0]['start_step']} -> {summary['end_step']} in "
+             f"{summary['train_seconds']:.1f} s"
+             + (f" over {len(segments)} segments" if len(segments) > 1 else "")]
     last = summary.get("last_metrics") or {}
     if last:
         lines.append(f"final loss {last['loss']:.4f}, {last['tokens_per_sec']:.0f} tokens/s")
