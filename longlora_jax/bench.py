@@ -15,6 +15,7 @@ import sys
 from longlora_jax.benchmarks import attention, longest, train_step
 from longlora_jax.cli import Command, dispatch
 
+
 def _command(name, module) -> Command:
     def run(config) -> int:
         module.run(config)  # prints (and with --json writes) its table
