@@ -17,6 +17,11 @@ S2-Attn with group size G (even, <= N), exactly as the official LongLoRA code co
   * N not a multiple of G is padded at the end (causality hides the padding; with `wrap=True`
     the padded keys are masked).
   * `segment_ids` [B, N] (packed documents) additionally restricts attention to equal ids.
+  * `window` W (Mistral's sliding window) additionally restricts a query to the keys fewer
+    than W positions before it in its group's attention order: itself and the W - 1 before.
+    A group longer than W attends within both; in the original order everywhere except the
+    wrapped group of `wrap=True`, whose order is the rolled (padded) one. Full causal
+    attention is one group of N, so there it is exactly HF's sliding-window mask.
 
 Rolling is realised as slicing: the shifted groups are [G/2, N - G/2) cut into groups of G, plus
 the "straddling" group (the last G/2 tokens followed by the first G/2), which `wrap=False` cuts
@@ -27,6 +32,7 @@ the first G/2 tokens" means the next device's first G/2 tokens: one collective-p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -85,7 +91,7 @@ def resolve_impl(impl: str, dtype=jnp.float32) -> str:
 # --------------------------------------------------------------------------- full causal
 
 
-def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
+def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None, window=None) -> jax.Array:
     """Full causal attention materialising each head's [N, N] scores (the XLA reference).
 
     Heads are looped over (`kernels.map_chunks`), so the live scores are a few heads' worth;
@@ -99,6 +105,8 @@ def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
     def one_head(q, k, v, seg):
         scores = jnp.einsum("qd,sd->qs", q, k, preferred_element_type=jnp.float32)
         mask = jnp.tril(jnp.ones((n, n), dtype=bool))
+        if window is not None:
+            mask = mask & ~jnp.tril(mask, -window)
         if seg is not None:
             mask = mask & (seg[:, None] == seg[None, :])
         scores = jnp.where(mask, scores / jnp.sqrt(jnp.float32(d)), -jnp.inf)
@@ -113,26 +121,28 @@ def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
     return out.reshape(b, hq, n, d).transpose(0, 2, 1, 3)
 
 
-def causal_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids=None, impl: str = "xla") -> jax.Array:
-    """Full causal attention; `segment_ids` [B, N] masks across packed documents.
+def causal_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids=None, impl: str = "xla",
+                     window: int | None = None) -> jax.Array:
+    """Full causal attention; `segment_ids` [B, N] masks across packed documents; `window`
+    W: a sliding window (a query sees itself and the W - 1 keys before it).
 
     impl: xla (dense reference, O(N^2) memory) | splash | cudnn | auto.
     """
     _check_inputs(q_bnhd, k_bnkd, v_bnkd, segment_ids)
     impl = resolve_impl(impl, q_bnhd.dtype)
     if impl == "xla":  # plain XLA: the compiler partitions it under any mesh
-        return _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids)
+        return _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids, window)
 
     mesh = _mesh_axes()
     if mesh is not None:  # fused kernels run per device, with the whole sequence
         mesh = dataclasses.replace(mesh, seq_size=1)
     if impl == "splash":
         n, hq = q_bnhd.shape[1:3]
-        masks = kernels.s2_splash_masks(n, hq, group=n, wrap=False)[:1] * hq  # causal
+        masks = kernels.s2_splash_masks(n, hq, group=n, wrap=False, window=window)[:1] * hq
         return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, segment_ids, mesh)
 
     def whole(q, k, v, seg):
-        return _GROUPED[impl](q, k, v, group=q.shape[1], segment_ids=seg)
+        return _GROUPED[impl](q, k, v, group=q.shape[1], segment_ids=seg, window=window)
 
     if mesh is None:
         return whole(q_bnhd, k_bnkd, v_bnkd, segment_ids)
@@ -310,8 +320,9 @@ def _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | Non
 
 
 def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
-                 segment_ids=None, impl: str = "xla") -> jax.Array:
+                 segment_ids=None, impl: str = "xla", window: int | None = None) -> jax.Array:
     """Shifted sparse attention (see module docstring); impl: xla | splash | cudnn | auto.
+    `window`: a sliding window W applied within the groups too (None: none).
 
     Inside `sharding.activate(mesh)` the computation runs per device (shard_map): the batch
     split over data/fsdp, the tokens over `sequence` (N / sequence size must then be a multiple
@@ -323,7 +334,7 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
     n = q_bnhd.shape[1]
     _check_group(group_size, n)
     impl = resolve_impl(impl, q_bnhd.dtype)
-    grouped = _GROUPED[impl]
+    grouped = functools.partial(_GROUPED[impl], window=window)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     mesh = _mesh_axes()
     seq_size = 1 if mesh is None else mesh.seq_size
@@ -342,7 +353,7 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
         return _per_device(per_device, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 
     if impl == "splash":  # per-head masks express the shift directly: one kernel call
-        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap)
+        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap, window)
         return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh)
 
     def whole(q, k, v, seg):
@@ -376,10 +387,12 @@ _GROUPED = {
 
 
 def attend(q_bnhd, k_bnkd, v_bnkd, cfg: LlamaConfig, *, train: bool, segment_ids=None) -> jax.Array:
-    """The model's attention: S2 when training with `attention_train="s2"`, else full causal."""
+    """The model's attention: S2 when training with `attention_train="s2"`, else full causal;
+    both with the model's sliding window, if it has one."""
     if train and cfg.attention_train == "s2":
         group = cfg.s2_group(q_bnhd.shape[1])
         return s2_attention(q_bnhd, k_bnkd, v_bnkd, group_size=group, wrap=cfg.s2_wrap,
-                            segment_ids=segment_ids, impl=cfg.attention_impl)
+                            segment_ids=segment_ids, impl=cfg.attention_impl,
+                            window=cfg.sliding_window)
     return causal_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
-                            impl=cfg.attention_impl)
+                            impl=cfg.attention_impl, window=cfg.sliding_window)
