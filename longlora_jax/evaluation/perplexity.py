@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from longlora_jax.data.eval_data import TokenDocument, perplexity_windows, window_starts
 from longlora_jax.errors import DataError
 from longlora_jax.modeling.kv_cache import CACHE_COLLECTION, init_cache
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.llama import CausalLM
 from longlora_jax.modeling.loss import chunked_cross_entropy
 from longlora_jax.parallel import rules
 from longlora_jax.parallel.mesh import SEQUENCE
@@ -46,7 +46,7 @@ from longlora_jax.parallel.mesh import SEQUENCE
 EvalFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray], tuple[jax.Array, jax.Array]]
 
 
-def make_eval_fn(model: LlamaForCausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
+def make_eval_fn(model: CausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
                  prefill_chunk: int = 0) -> EvalFn:
     """A jitted (variables, inputs_bn, targets_bn, mask_bn) -> (NLL sum, token count).
 
@@ -60,7 +60,7 @@ def make_eval_fn(model: LlamaForCausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
         prefill_chunk = 0
 
     def project(variables, h):
-        return model.apply(variables, h, method=LlamaForCausalLM.project)
+        return model.apply(variables, h, method=CausalLM.project)
 
     def full_nll(variables, inputs_bn, targets_bn, mask_bn):
         h_bne = model.apply(variables, inputs_bn, return_hidden=True)

@@ -22,7 +22,7 @@ from longlora_jax.modeling.config import (
     RopeScaling,
     linear_pi_factor,
 )
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel.mesh import BATCH_AXES, DATA, MESH_AXES
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, TrainSetup, build_train_setup
@@ -222,7 +222,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainSet
     cfg, spec = model_config(config)
     global_batch, accum = batch_sizes(config, mesh)
     setup = build_train_setup(
-        LlamaForCausalLM(cfg), mesh, mode=config.lora.mode, optim_cfg=optim_config(config),
+        build_model(cfg), mesh, mode=config.lora.mode, optim_cfg=optim_config(config),
         options=StepOptions(accum_steps=accum, loss_chunk=config.loss_chunk,
                             mask_documents=config.attention.mask_documents),
         frozen_dtype=config.model.frozen_dtype,
