@@ -66,7 +66,9 @@ PEFT_PREFIX = "base_model.model."
 LORA_PLUS_MODULES = ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
 GPT_NEOX_LORA_PLUS_MODULES = ("embed_in", "input_layernorm", "post_attention_layernorm",
                               "final_layer_norm")
-_ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings")
+# (GPT-NeoX's transformers-4 names too: transformers 5 reads them when rope_scaling is set.)
+_ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings",
+              "rotary_pct", "rotary_emb_base")
 
 
 # ------------------------------------------------------------------------------ merged
@@ -212,7 +214,7 @@ def _write_base(cfg, variables, tmp: pathlib.Path, out: pathlib.Path, base_dir,
         # Same weights, training rope scaling: link the files, rewrite config.json.
         shutil.copytree(base_dir, tmp / "base", copy_function=_link_or_copy)
         trained = base_cfg.to_hf()
-        hf_config.update({k: trained[k] for k in _ROPE_KEYS})
+        hf_config.update({k: trained[k] for k in _ROPE_KEYS if k in trained})
         (tmp / "base" / "config.json").unlink()
         (tmp / "base" / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     else:

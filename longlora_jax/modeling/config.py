@@ -281,14 +281,13 @@ class LlamaConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for target in self.lora_targets:
-            _check_choice(f"lora target ({self.model_type})", target,
-                          BLOCK_LORA_TARGETS[self.block])
+            _check_choice("lora target", target, BLOCK_LORA_TARGETS[self.block])
         self._validate_family()
 
     def _validate_family(self) -> None:
         """The family-specific fields: each only where its family has it."""
         kind = self.model_type
-        _check_choice(f"hidden_act ({kind})", self.hidden_act, HIDDEN_ACTS[self.block])
+        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS[self.block])
         window = self.sliding_window
         if window is not None and (kind != "mistral" or window <= 0):
             raise ConfigError(f"sliding_window={window}: only mistral has one (a positive "
