@@ -229,9 +229,7 @@ class LlamaConfig:
     lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: "
-                              f"{', '.join(MODEL_TYPES)}")
+        _check_model_type(self.model_type)
         defaults = {"attention_bias": self.model_type in ("qwen2", "gpt_neox"),
                     "hidden_act": HIDDEN_ACTS[self.block][0],
                     "lora_targets": DEFAULT_LORA_TARGETS[self.block]}
@@ -430,9 +428,7 @@ class LlamaConfig:
         """
         hf = _read_hf_dict(source)
         model_type = hf.get("model_type", "llama")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type {model_type!r} is not supported; supported: "
-                              f"{', '.join(MODEL_TYPES)}")
+        _check_model_type(model_type)
         rope_block = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = rope_block.get("rope_theta", hf.get("rope_theta", 10000.0))
         fields = dict(
@@ -502,6 +498,12 @@ class LlamaConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_model_type(model_type: str) -> None:
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: "
+                          f"{', '.join(MODEL_TYPES)}")
 
 
 def block_of(model_type: str) -> str:

@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     attention.impl      "auto" | "xla" | "splash" | "cudnn".
     attention.mask_documents  keep packed documents from attending to each other.
     lora.mode           "lora" | "lora_plus" (LongLoRA: + embeddings and norms) | "full".
-    lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full").
+    lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full");
+                        targets are the family's HF module names (GPT-NeoX:
+                        "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h").
     optim.*             see `longlora_jax.optim.default_optim_config`; total_steps 0 = max_steps.
     batch.global_batch  sequences per optimizer step (over all devices and processes).
     batch.micro_batch   sequences per forward pass; global/micro = gradient accumulation.
