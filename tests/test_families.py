@@ -24,9 +24,10 @@ from flax import traverse_util
 
 from longlora_jax import ConfigError, LlamaConfig, LlamaForCausalLM, build_model
 from longlora_jax.data.eval_data import TokenDocument
+from longlora_jax.errors import CheckpointError
 from longlora_jax.evaluation import perplexity as ppl_eval
 from longlora_jax.inference import decode as gen
-from longlora_jax.io import export
+from longlora_jax.io import export, hf
 from longlora_jax.io.hf import load_pretrained, save_pretrained
 from longlora_jax.modeling import attention, lora
 from longlora_jax.modeling.gpt_neox import GPTNeoXForCausalLM
@@ -282,6 +283,19 @@ def test_sharded_equals_unsharded_for_each_family():
 
 
 # ------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-qwen2", "tiny-gpt-neox"])
+def test_name_table_round_trips_and_covers_the_params(preset, scan):
+    cfg = LlamaConfig.preset(preset, scan_layers=scan, tie_word_embeddings=False)
+    names = hf.tensor_names(cfg)
+    for name in names:
+        assert hf.lookup_hf(name.hf, scan_layers=scan, cfg=cfg) == name
+        assert hf.lookup_path(name.path, name.layer, cfg=cfg) == name
+    assert {n.path for n in names} == set(hf.param_shapes(cfg))
+    with pytest.raises(CheckpointError, match=f"not part of a {cfg.model_type} decoder"):
+        hf.lookup_hf("model.layers.0.self_attn.o_proj.bias", cfg=cfg)
 
 
 def test_every_family_config_round_trips():

@@ -216,8 +216,14 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             setattr(self, head_name, Dense(cfg.vocab_size, ("embed", "vocab"), cfg))
 
-    def _part(self, index: int) -> nn.Module:
-        return getattr(self, self.part_names[index])
+    def _embedding(self) -> nn.Embed:
+        return getattr(self, self.part_names[0])
+
+    def _final_norm(self) -> nn.Module:
+        return getattr(self, self.part_names[1])
+
+    def _output_projection(self) -> Dense:
+        return getattr(self, self.part_names[2])
 
     def __call__(
         self,
@@ -238,13 +244,13 @@ class CausalLM(nn.Module):
         if decode and segment_ids is None:
             segment_ids = jnp.ones((b, n), jnp.int32)
         cos_bnd, sin_bnd = rope.rotary_tables(cfg, position_ids)
-        x_bne = constrain(self._part(0)(input_ids), "act_batch", "act_length", "act_embed")
+        x_bne = constrain(self._embedding()(input_ids), "act_batch", "act_length", "act_embed")
         if cfg.scan_layers:
             x_bne, _ = self.layers(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
         else:
             for layer in self.layers:
                 x_bne = layer(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
-        h_bne = self._part(1)(x_bne)
+        h_bne = self._final_norm()(x_bne)
         if return_hidden:
             return h_bne
         return self.project(h_bne)
@@ -252,9 +258,9 @@ class CausalLM(nn.Module):
     def project(self, h_bne: jax.Array) -> jax.Array:
         """Final hidden states [..., E] -> fp32 logits [..., V] (tied or untied head)."""
         if self.cfg.tie_word_embeddings:
-            logits = self._part(0).attend(h_bne)
+            logits = self._embedding().attend(h_bne)
         else:
-            logits = self._part(2)(h_bne)
+            logits = self._output_projection()(h_bne)
         return logits.astype(jnp.float32)
 
 
