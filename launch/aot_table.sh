@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's fit table: compiles every paper config for its TPU slice, S2 and full attention,
-# one compile at a time (70B takes minutes and several GB of host RAM), then prints markdown.
+# The README's fit table: compiles every paper config (and the other families') for its TPU
+# slice, S2 and full attention, one compile at a time (70B takes minutes and several GB of
+# host RAM), then prints markdown.
 #
 #   launch/aot_table.sh [OUT_DIR] [--dry-run]     (reports: OUT_DIR/NAME.json, default runs/aot)
 #
@@ -21,6 +22,7 @@ cd "$(dirname "$0")/.."
 RUNS=(
   llama2_7b_32k:v4-8 llama2_7b_100k:v4-8 llama2_70b_32k:v4-16 llama2_7b_8k:v4-8
   llama2_7b_16k:v4-8 llama2_13b_65k:v4-8 llama3_8b_64k:v4-8 longalpaca_sft_16k:v4-8
+  mistral_7b_32k:v4-8 qwen25_7b_32k:v4-8 pythia_6_9b_16k:v4-8
 )
 for run in "${RUNS[@]}"; do
   name="${run%%:*}" topology="${run##*:}"

@@ -14,13 +14,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from longlora_jax.errors import ConfigError, UserError
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling
+from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.llama import LlamaForCausalLM
-
-
-def build_model(cfg: LlamaConfig) -> LlamaForCausalLM:
-    """The flax module of `cfg`'s model family."""
-    return LlamaForCausalLM(cfg)
-
 
 __all__ = ["ConfigError", "LlamaConfig", "LlamaForCausalLM", "RopeScaling", "UserError",
            "build_model"]

@@ -39,6 +39,9 @@ PAPER = {
     "llama2_7b_32k": ("v4-8", 32768), "llama2_7b_100k": ("v4-8", 100_000),
     "llama2_13b_65k": ("v4-8", 65536), "llama2_70b_32k": ("v4-16", 32768),
     "llama3_8b_64k": ("v4-8", 65536), "longalpaca_sft_16k": ("v4-8", 16384),
+    # the other families
+    "mistral_7b_32k": ("v4-8", 32768), "qwen25_7b_32k": ("v4-8", 32768),
+    "pythia_6_9b_16k": ("v4-8", 16384),
 }
 
 
@@ -99,6 +102,13 @@ def test_attention_detector_sees_the_xla_reference():
     assert fit.attention_kernels(text) == {"splash": 0, "xla_softmax": 1}
 
 
+def test_keys_per_query_with_a_sliding_window():
+    """Counted against every query of a causal group of 10 with window 4: 1,2,3,4,4,...,4."""
+    assert fit.keys_per_query(10) == sum(range(1, 11)) / 10
+    assert fit.keys_per_query(10, 4) == (1 + 2 + 3 + 4 * 7) / 10
+    assert fit.keys_per_query(10, 16) == fit.keys_per_query(10)
+
+
 def test_model_flops_s2_vs_full():
     """Full causal attention sees ~N/2 keys per query, S2 ~G/2 = N/8."""
     config = train_config(os.path.join(REPO_ROOT, "configs", "llama2_7b_32k.py"))
@@ -112,18 +122,27 @@ def test_model_flops_s2_vs_full():
     assert math.isclose(full - s2, per_key * (n - g) / 2, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("attention", ["s2", "full"])
-def test_model_flops_match_xla_cost_analysis(attention):
+FLOPS_MODELS = {  # preset: its LoRA targets and size overrides for the cost comparison
+    "tiny": (("q_proj", "k_proj", "v_proj", "o_proj"), {"num_key_value_heads": 2}),
+    "tiny-gpt-neox": (("query_key_value", "dense"), {}),
+}
+
+
+@pytest.mark.parametrize(("attention", "preset"), [("s2", "tiny"), ("full", "tiny"),
+                                                   ("s2", "tiny-gpt-neox")])
+def test_model_flops_match_xla_cost_analysis(attention, preset):
     """Where XLA sees every FLOP (layers unrolled, no accumulation loop, XLA attention), its
-    cost analysis and the counted model FLOPs agree."""
+    cost analysis and the counted model FLOPs agree (LLaMA; GPT-NeoX's fused projections)."""
+    targets, overrides = FLOPS_MODELS[preset]
     config = train_config(TINY, "--config.model.scan=False", "--config.model.remat=none",
                         "--config.attention.impl=xla", f"--config.attention.train={attention}",
                         "--config.seq_len=512", "--config.batch.global_batch=2",
-                        "--config.mesh.data=1")
+                        "--config.mesh.data=1", f"--config.model.base=preset:{preset}")
     config.unlock()
+    config.lora.targets = targets
     config.model.overrides = {"hidden_size": 256, "intermediate_size": 512,
-                              "num_attention_heads": 4, "num_key_value_heads": 2,
-                              "vocab_size": 512, "max_position_embeddings": 512}
+                              "num_attention_heads": 4, "vocab_size": 512,
+                              "max_position_embeddings": 512, **overrides}
     from longlora_jax.parallel import mesh as sharding
     from longlora_jax.training.config import build_setup
 
@@ -279,6 +298,20 @@ def test_sequence_tensor_layout_trains_like_one_device(tmp_path):
 @pytest.mark.parametrize("name", ["llama2_7b_32k", "llama2_7b_100k", "llama2_70b_32k"])
 def test_moonshot_compiles_and_fits(name, tmp_path):
     """LongLoRA steps of LLaMA-2-7B @ 32k and 100k on v4-8 and 70B @ 32k on v4-16 fit."""
+    out = tmp_path / "report.json"
+    proc = _aot("--config", os.path.join(REPO_ROOT, "configs", f"{name}.py"), "--topology",
+                PAPER[name][0], "--json", str(out), timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["per_chip_bytes"] <= report["usable_hbm_bytes"]
+    assert report["kernels"]["splash"] > 0 and report["kernels"]["xla_softmax"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mistral_7b_32k", "qwen25_7b_32k", "pythia_6_9b_16k"])
+def test_other_families_compile_and_fit(name, tmp_path):
+    """Mistral-7B @ 32k (sliding window in the splash masks), Qwen2.5-7B @ 32k and
+    Pythia-6.9B @ 16k: the LongLoRA step fits v4-8, attention all splash kernels."""
     out = tmp_path / "report.json"
     proc = _aot("--config", os.path.join(REPO_ROOT, "configs", f"{name}.py"), "--topology",
                 PAPER[name][0], "--json", str(out), timeout=3600)

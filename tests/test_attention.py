@@ -13,12 +13,14 @@ from longlora_jax.modeling import attention, kernels
 from longlora_jax.modeling.attention import causal_attention, s2_attention
 
 
-def s2_groups(n: int, group: int, shifted: bool, wrap: bool) -> list[list[int]]:
+def s2_groups(n: int, group: int, shifted: bool, wrap: bool,
+              drop_padding: bool = True) -> list[list[int]]:
     """Token positions of each attention group, in attention (causal) order.
 
     Straight from the rules in docs/s2_attention.md: pad N to a multiple of G; shifted heads
     see the sequence rolled left by G/2; wrap=False splits the rolled last group in two;
-    padding is dropped.
+    padding (positions >= N) is dropped, or kept where it is with drop_padding=False (a
+    sliding window counts positions in the padded order).
     """
     padded = math.ceil(n / group) * group
     order = [(i + group // 2) % padded for i in range(padded)] if shifted else list(range(padded))
@@ -26,23 +28,28 @@ def s2_groups(n: int, group: int, shifted: bool, wrap: bool) -> list[list[int]]:
     if shifted and not wrap:
         last = groups.pop()
         groups += [last[: group // 2], last[group // 2:]]
-    return [[p for p in g if p < n] for g in groups]
+    return [[p for p in g if p < n or not drop_padding] for g in groups]
 
 
-def reference_attention(q, k, v, head_groups, segment_ids=None):
+def reference_attention(q, k, v, head_groups, segment_ids=None, window=None):
     """numpy loop: each query head attends causally within each of its groups.
 
-    q [B, N, Hq, D], k, v [B, N, Hkv, D]; head_groups(h) -> list of position lists.
+    q [B, N, Hq, D], k, v [B, N, Hkv, D]; head_groups(h) -> list of position lists (in
+    attention order; positions >= N are padding, never attended). `window` W: a query sees
+    only the group's W positions ending at its own.
     """
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b_size, _, hq, d = q.shape
+    b_size, n, hq, d = q.shape
     ratio = hq // k.shape[2]
     out = np.zeros_like(q)
     for b in range(b_size):
         for h in range(hq):
             for grp in head_groups(h):
                 for i, p in enumerate(grp):
-                    keys = grp[: i + 1]
+                    if p >= n:
+                        continue
+                    first = 0 if window is None else max(0, i + 1 - window)
+                    keys = [s for s in grp[first: i + 1] if s < n]
                     if segment_ids is not None:
                         keys = [s for s in keys if segment_ids[b, s] == segment_ids[b, p]]
                     scores = k[b, keys, h // ratio] @ q[b, p, h] / math.sqrt(d)
@@ -51,20 +58,23 @@ def reference_attention(q, k, v, head_groups, segment_ids=None):
     return out
 
 
-def s2_reference(q, k, v, group, wrap, segment_ids=None):
+def s2_reference(q, k, v, group, wrap, segment_ids=None, window=None):
     n, hq = q.shape[1], q.shape[2]
     return reference_attention(
-        q, k, v, lambda h: s2_groups(n, group, h >= hq // 2, wrap), segment_ids
+        q, k, v, lambda h: s2_groups(n, group, h >= hq // 2, wrap, drop_padding=False),
+        segment_ids, window,
     )
 
 
-def s2_mask(n, hq, group, wrap) -> np.ndarray:
+def s2_mask(n, hq, group, wrap, window=None) -> np.ndarray:
     """[Hq, N, N] boolean: query i may attend key j (built from `s2_groups`)."""
     mask = np.zeros((hq, n, n), bool)
     for h in range(hq):
-        for grp in s2_groups(n, group, h >= hq // 2, wrap):
+        for grp in s2_groups(n, group, h >= hq // 2, wrap, drop_padding=False):
             for i, p in enumerate(grp):
-                mask[h, p, grp[: i + 1]] = True
+                first = 0 if window is None else max(0, i + 1 - window)
+                if p < n:
+                    mask[h, p, [s for s in grp[first: i + 1] if s < n]] = True
     return mask
 
 
@@ -143,6 +153,61 @@ def test_s2_gradients_match_dense_masked_reference(wrap, n):
     ref = jax.jit(jax.grad(loss(lambda *a: dense_masked_attention(*a, mask)), (0, 1, 2)))(q, k, v)
     for got, want in zip(ours, ref, strict=True):
         np.testing.assert_allclose(got, want, atol=3e-5)
+
+
+# Sliding windows (Mistral): smaller than half a group, between, and longer than the group
+# (a no-op); N not a multiple of G pads the wrapped group (the window counts padded order).
+WINDOW_CASES = [(9, 3, 32, 16, 5), (6, 2, 24, 12, 9), (4, 1, 20, 8, 3), (9, 3, 22, 8, 6),
+                (4, 2, 32, 8, 20)]
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize(("hq", "hkv", "n", "group", "window"), WINDOW_CASES)
+def test_s2_with_sliding_window_matches_numpy_reference(hq, hkv, n, group, window, wrap):
+    q, k, v = random_qkv(10, 2, n, hq, hkv)
+    seg = np.array([[0] * 3 + [1] * (n - 3), [2] * n])
+    out = jax.jit(lambda *a: s2_attention(*a, group_size=group, wrap=wrap, window=window,
+                                          segment_ids=seg))(q, k, v)
+    want = s2_reference(q, k, v, group, wrap, seg, window)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    if window < group:  # the window really cuts
+        assert np.abs(want - s2_reference(q, k, v, group, wrap, seg)).max() > 1e-2
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("wrap", [False, True])
+def test_s2_sliding_window_gradients_match_dense_masked_reference(wrap):
+    q, k, v = random_qkv(11, 2, 30, 9, 3)
+    w = jnp.asarray(np.random.default_rng(12).standard_normal(q.shape), jnp.float32)
+    mask = jnp.asarray(s2_mask(30, 9, 12, wrap, window=5))
+
+    def loss(attn):
+        return lambda q, k, v: jnp.sum(attn(q, k, v) * w)
+
+    s2 = loss(lambda *a: s2_attention(*a, group_size=12, wrap=wrap, window=5))
+    ours = jax.jit(jax.grad(s2, (0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(loss(lambda *a: dense_masked_attention(*a, mask)), (0, 1, 2)))(q, k, v)
+    for got, want in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(got, want, atol=3e-5)
+
+
+@pytest.mark.parametrize(("group", "block", "window"), [(16, 4, 5), (16, 4, 8), (12, 3, 1)])
+def test_blocked_kernel_sliding_window_skips_only_invisible_blocks(group, block, window):
+    q, k, v = random_qkv(13, 1, 2 * group, 4, 2)
+    out = jax.jit(lambda *a: kernels.blocked_grouped_causal(*a, group=group, block=block,
+                                                            window=window))(q, k, v)
+    want = reference_attention(q, k, v, lambda h: [list(range(0, group)),
+                                                   list(range(group, 2 * group))],
+                               window=window)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+def test_causal_attention_sliding_window_matches_reference():
+    q, k, v = random_qkv(14, 2, 24, 6, 3)
+    out = jax.jit(lambda *a: causal_attention(*a, window=7))(q, k, v)
+    want = reference_attention(q, k, v, lambda h: [list(range(24))], window=7)
+    np.testing.assert_allclose(out, want, atol=2e-5)
 
 
 @pytest.mark.parametrize(("group", "block"), [(16, 4), (16, 6), (12, 12), (10, 3)])

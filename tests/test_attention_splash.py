@@ -48,6 +48,24 @@ def test_splash_causal_attention_matches_reference():
     np.testing.assert_allclose(out, want, atol=2e-5)
 
 
+@pytest.mark.parametrize(("n", "group", "window", "wrap"),
+                         [(96, 32, 12, False), (80, 32, 20, True), (128, 64, 40, True)])
+def test_splash_s2_sliding_window_matches_numpy_reference(n, group, window, wrap):
+    """The window in the per-head masks (Mistral), in the rolled order for wrap=True."""
+    q, k, v = random_qkv(4, 2, n, 6, 2, d=16)
+    fn = jax.jit(lambda *a: s2_attention(*a, group_size=group, wrap=wrap, window=window,
+                                         impl="splash"))
+    np.testing.assert_allclose(fn(q, k, v), s2_reference(q, k, v, group, wrap, window=window),
+                               atol=2e-5)
+
+
+def test_splash_causal_sliding_window_matches_reference():
+    q, k, v = random_qkv(5, 1, 128, 4, 2, d=16)
+    out = jax.jit(lambda *a: causal_attention(*a, impl="splash", window=48))(q, k, v)
+    want = reference_attention(q, k, v, lambda h: [list(range(128))], window=48)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+
+
 _AOT = """
 import json
 import jax, jax.numpy as jnp

@@ -102,10 +102,12 @@ def test_decode_needs_positions():
                     decode=True, mutable=[CACHE_COLLECTION])
 
 
-@pytest.mark.parametrize("start, n", [(0, 18), (7, 5), (17, 1), (3, 1)])
-def test_blocked_cache_attention_equals_numpy(start, n):
+@pytest.mark.parametrize("start, n, window", [(0, 18, None), (7, 5, None), (17, 1, None),
+                                              (3, 1, None), (0, 18, 6), (13, 4, 5), (17, 1, 9)])
+def test_blocked_cache_attention_equals_numpy(start, n, window):
     """Blocks of 4 slots over an 18-slot cache (the last block overlaps its neighbour), GQA,
-    a left-padded row: equal to dense masked softmax attention in float64."""
+    a left-padded row, a sliding window (the loop then starts at the first block it reaches):
+    equal to dense masked softmax attention in float64."""
     from longlora_jax.modeling.kv_cache import cached_attention
 
     rng = np.random.default_rng(start)
@@ -115,11 +117,13 @@ def test_blocked_cache_attention_equals_numpy(start, n):
     kv_seg = np.ones((b, s), np.int32)
     kv_seg[1, :5] = 0  # row 1: five padding slots
     q_seg = kv_seg[:, start:start + n]
-    got = np.asarray(cached_attention(q, k, v, kv_seg, q_seg, start, block=4))
+    got = np.asarray(cached_attention(q, k, v, kv_seg, q_seg, start, window=window, block=4))
     want = np.zeros_like(got, dtype=np.float64)
     for bi in range(b):
         for i in range(n):
             visible = (np.arange(s) <= start + i) & (kv_seg[bi] == q_seg[bi, i])
+            if window is not None:
+                visible &= np.arange(s) > start + i - window
             for h in range(hq):
                 kh = h // (hq // hkv)
                 scores = k[bi, visible, kh].astype(np.float64) @ q[bi, i, h] / np.sqrt(d)

@@ -157,8 +157,9 @@ def test_aot_table_dry_run_covers_the_paper_configs():
     cmds = _dry_run("aot_table.sh", "out")
     configs = [c[c.index("--config") + 1] for c in cmds]
     assert all((pathlib.Path(REPO_ROOT) / c).is_file() for c in configs)
-    assert {pathlib.Path(c).stem for c in configs} == {
-        p.stem for p in (pathlib.Path(REPO_ROOT) / "configs").glob("l*.py")}
+    assert {pathlib.Path(c).stem for c in configs} == {  # every config but the CPU ones
+        p.stem for p in (pathlib.Path(REPO_ROOT) / "configs").glob("*.py")
+        if not p.stem.startswith(("tiny", "demo"))}
     for cmd in cmds:
         assert cmd[:3] == ["python", "-m", "longlora_jax.aot"] and "--compare-full" in cmd
         assert cmd[-2:] == ["--json", f"out/{pathlib.Path(cmd[4]).stem}.json"]

@@ -32,7 +32,7 @@ from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
 from longlora_jax.io.base import shard_variables
 from longlora_jax.io.run import load_model
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling, parse_rope, rope_name
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel.mesh import DATA, MESH_AXES, SEQUENCE, make_mesh
 
 
@@ -150,7 +150,7 @@ def evaluate_models(config: ml_collections.ConfigDict,
             result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
                                  [(d.name, len(d.tokens)) for d in all_docs], attention)
             variables = shard_variables(cfg, base.variables, mesh)
-            eval_fn = make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=config.loss_chunk,
+            eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=config.loss_chunk,
                                    prefill_chunk=config.prefill_chunk, attention=attention)
             for n in lengths:
                 if config.perplexity:

@@ -37,8 +37,9 @@ from jax.sharding import Mesh
 
 from longlora_jax.data.eval_data import TokenDocument, perplexity_windows, window_starts
 from longlora_jax.errors import ConfigError, DataError
+from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.kv_cache import CACHE_COLLECTION, init_cache
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.llama import CausalLM
 from longlora_jax.modeling.loss import chunked_cross_entropy
 from longlora_jax.parallel import rules
 from longlora_jax.parallel.mesh import SEQUENCE
@@ -49,7 +50,7 @@ EvalFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray], tuple[jax.Array, ja
 EVAL_ATTENTIONS = ("full", "s2", "short")
 
 
-def make_eval_fn(model: LlamaForCausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
+def make_eval_fn(model: CausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
                  prefill_chunk: int = 0, attention: str = "full") -> EvalFn:
     """A jitted (variables, inputs_bn, targets_bn, mask_bn) -> (NLL sum, token count).
 
@@ -65,13 +66,13 @@ def make_eval_fn(model: LlamaForCausalLM, mesh: Mesh, *, loss_chunk: int = 1024,
     batch_sharding = rules.batch_sharding(mesh)
     sparse = attention != "full"
     if sparse:  # the training attention, deterministic (no LoRA dropout)
-        model = LlamaForCausalLM(model.cfg.replace(attention_train=attention, lora_dropout=0.0))
+        model = build_model(model.cfg.replace(attention_train=attention, lora_dropout=0.0))
     if (sparse or model.cfg.rope_scaling.rope_type == "dynamic"
             or mesh.shape[SEQUENCE] > 1):
         prefill_chunk = 0
 
     def project(variables, h):
-        return model.apply(variables, h, method=LlamaForCausalLM.project)
+        return model.apply(variables, h, method=CausalLM.project)
 
     def full_nll(variables, inputs_bn, targets_bn, mask_bn):
         h_bne = model.apply(variables, inputs_bn, return_hidden=True, train=sparse)

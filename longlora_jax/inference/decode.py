@@ -41,8 +41,8 @@ from jax.experimental import io_callback
 
 from longlora_jax.io.base import shard_variables
 from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.kv_cache import CACHE_COLLECTION, init_cache
-from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.parallel import rules
 
 TokenCallback = Callable[[np.ndarray, np.ndarray], None]
@@ -109,7 +109,7 @@ def _decoder(cfg: LlamaConfig, max_new_tokens: int, greedy: bool, eos: tuple[int
     prefill_chunk > 0: the prompt (a multiple of it long) is prefilled that many tokens at a
     time, in a `lax.scan` over chunks.
     """
-    model = LlamaForCausalLM(cfg)
+    model = build_model(cfg)
     eos_ids = jnp.asarray(eos, jnp.int32)
 
     def forward(variables, cache, ids_bn, positions_bn, segments_bn):
@@ -222,7 +222,7 @@ def generate(
         ids_bt = np.pad(ids_bt, ((0, 0), (extra, 0)), constant_values=pad)
         mask_bt = np.pad(mask_bt, ((0, 0), (extra, 0)))
     b, t = ids_bt.shape
-    model = LlamaForCausalLM(config)
+    model = build_model(config)
     cache = init_cache(model, b, t + max_new_tokens)
     run = _decoder(config, max_new_tokens, temperature == 0, eos, int(pad), on_token,
                    prefill_chunk)

@@ -36,7 +36,7 @@ from longlora_jax.errors import ConfigError
 from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer, read_gguf_config
 from longlora_jax.io.hf import load_pretrained
 from longlora_jax.modeling.config import LlamaConfig
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel import rules
 
 BASE_KINDS = ("smollm2", "hf:DIR", "gguf:FILE", "preset:NAME")
@@ -128,7 +128,7 @@ def load_base_params(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
     """
     arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype")}
     if spec.kind == "preset":  # initialised in fp32 and then cast, whatever `dtype`
-        params = init_variables(LlamaForCausalLM(cfg.replace(param_dtype="float32")),
+        params = init_variables(build_model(cfg.replace(param_dtype="float32")),
                                 {"params": shardings}, run_keys(seed)["base"],
                                 only=("params",))["params"]
         return jax.tree.map(lambda x: x.astype(dtype), params)
@@ -150,14 +150,14 @@ def initial_variables(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str
     variables = {"params": load_base_params(spec, cfg, seed=seed, dtype=dtype,
                                             shardings=shardings["params"])}
     if cfg.lora_rank:
-        variables.update(init_variables(LlamaForCausalLM(cfg), shardings, run_keys(seed)["lora"],
+        variables.update(init_variables(build_model(cfg), shardings, run_keys(seed)["lora"],
                                         only=("lora",)))
     return variables
 
 
 def shard_variables(cfg: LlamaConfig, variables: Mapping[str, Any], mesh: Mesh) -> dict:
     """`variables` placed on `mesh` by the logical-axis table (a no-op where already so)."""
-    shardings = variable_shardings(LlamaForCausalLM(cfg), mesh)
+    shardings = variable_shardings(build_model(cfg), mesh)
     return {k: jax.device_put(v, shardings[k]) for k, v in variables.items()}
 
 

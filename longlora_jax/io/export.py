@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 
 from longlora_jax.errors import ConfigError
 from longlora_jax.io.base import load_base_params, load_tokenizer
-from longlora_jax.io.hf import lookup_path, save_pretrained
+from longlora_jax.io.hf import lookup_path, output_projection, save_pretrained
 from longlora_jax.io.run import load_run
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.lora import (
@@ -61,9 +61,14 @@ PEFT_MODES = ("lora", "lora_plus")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# PEFT matches modules_to_save by name suffix: these cover the embedding and every RMSNorm.
+# PEFT matches modules_to_save by name suffix: these cover the embedding and every norm, with
+# each family's HF module names (LLaMA block; GPT-NeoX, whose LayerNorms carry biases too).
 LORA_PLUS_MODULES = ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
-_ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings")
+GPT_NEOX_LORA_PLUS_MODULES = ("embed_in", "input_layernorm", "post_attention_layernorm",
+                              "final_layer_norm")
+# (GPT-NeoX's transformers-4 names too: transformers 5 reads them when rope_scaling is set.)
+_ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings",
+              "rotary_pct", "rotary_emb_base")
 
 
 # ------------------------------------------------------------------------------ merged
@@ -156,7 +161,7 @@ def _adapter_config(cfg: LlamaConfig, mode: str, base: str) -> dict[str, Any]:
         "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.lora_targets),
-        "modules_to_save": list(LORA_PLUS_MODULES) if mode == "lora_plus" else None,
+        "modules_to_save": list(lora_plus_modules(cfg)) if mode == "lora_plus" else None,
         "ensure_weight_tying": tied,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -165,6 +170,11 @@ def _adapter_config(cfg: LlamaConfig, mode: str, base: str) -> dict[str, Any]:
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def lora_plus_modules(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The HF module names of what LoRA+ trains besides the adapters (PEFT modules_to_save)."""
+    return GPT_NEOX_LORA_PLUS_MODULES if cfg.block == "gpt_neox" else LORA_PLUS_MODULES
 
 
 def _peft_tensors(cfg: LlamaConfig, variables: Mapping[str, Any], mode: str) -> dict:
@@ -180,14 +190,15 @@ def _peft_tensors(cfg: LlamaConfig, variables: Mapping[str, Any], mode: str) -> 
         for layer in range(array.shape[0]) if stacked else (None,):
             block = array[layer] if stacked else array
             if collection == LORA_COLLECTION:
-                module = lookup_path((*sub[:-1], "kernel"), layer).hf.removesuffix(".weight")
+                module = lookup_path((*sub[:-1], "kernel"), layer, cfg=cfg).hf
+                module = module.removesuffix(".weight")
                 factor = {"a": "lora_A", "b": "lora_B"}[sub[-1]]
                 out[f"{PEFT_PREFIX}{module}.{factor}.weight"] = block.T
             else:
-                name = lookup_path(sub, layer).hf
+                name = lookup_path(sub, layer, cfg=cfg).hf
                 out[PEFT_PREFIX + name] = block
                 if param_kind(path) == "embedding" and cfg.tie_word_embeddings:
-                    out[PEFT_PREFIX + "lm_head.weight"] = block
+                    out[PEFT_PREFIX + output_projection(cfg)] = block
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -203,7 +214,7 @@ def _write_base(cfg, variables, tmp: pathlib.Path, out: pathlib.Path, base_dir,
         # Same weights, training rope scaling: link the files, rewrite config.json.
         shutil.copytree(base_dir, tmp / "base", copy_function=_link_or_copy)
         trained = base_cfg.to_hf()
-        hf_config.update({k: trained[k] for k in _ROPE_KEYS})
+        hf_config.update({k: trained[k] for k in _ROPE_KEYS if k in trained})
         (tmp / "base" / "config.json").unlink()
         (tmp / "base" / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     else:

@@ -3,8 +3,9 @@
 Layout of the params pytree (see `longlora_jax.modeling.llama`): names mirror HF's, kernels
 are stored [in, out] (HF's `weight` transposed), and the decoder layers are either
 `layers_{i}/...` or, with `cfg.scan_layers`, one `layers/...` stack with a leading axis L.
-`TensorName` / `tensor_names` / `lookup_hf` / `lookup_path` are the ONE name table, used by
-loading, saving, GGUF import and adapter export.
+`TensorName` / `tensor_names` / `lookup_hf` / `lookup_path` are the ONE name table (one per
+model family, chosen by the config: LLaMA and Mistral, Qwen2 with its q/k/v biases,
+GPT-NeoX), used by loading, saving, GGUF import and adapter export.
 
 Loading never holds two full copies of the model in host memory: every parameter (a
 scanned stack included) is built by `jax.make_array_from_callback`, whose callback
@@ -36,37 +37,91 @@ from safetensors.numpy import save_file
 
 from longlora_jax.errors import CheckpointError
 from longlora_jax.modeling.config import LlamaConfig
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 
 log = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
-# Tensors some checkpoints carry that the model recomputes (RoPE tables).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors some checkpoints carry that the model recomputes: RoPE tables, and old GPT-NeoX
+# checkpoints' causal-mask buffers.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
 # ------------------------------------------------------------------------------ name table
 
 # (path in params, HF tensor name, HF stores the transpose of our array)
-_TOP: tuple[tuple[tuple[str, ...], str, bool], ...] = (
-    (("embed_tokens", "embedding"), "model.embed_tokens.weight", False),
-    (("norm", "weight"), "model.norm.weight", False),
-    (("lm_head", "kernel"), "lm_head.weight", True),
-)
-# (path inside one decoder layer, HF name after "model.layers.{i}.", transpose)
-_LAYER: tuple[tuple[tuple[str, ...], str, bool], ...] = (
-    (("input_layernorm", "weight"), "input_layernorm.weight", False),
-    (("self_attn", "q_proj", "kernel"), "self_attn.q_proj.weight", True),
-    (("self_attn", "k_proj", "kernel"), "self_attn.k_proj.weight", True),
-    (("self_attn", "v_proj", "kernel"), "self_attn.v_proj.weight", True),
-    (("self_attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True),
-    (("post_attention_layernorm", "weight"), "post_attention_layernorm.weight", False),
-    (("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", True),
-    (("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", True),
-    (("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True),
-)
-_LAYER_PREFIX = "model.layers."
+_Entry = tuple[tuple[str, ...], str, bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """A family's HF names. Top level: the token embedding, the final norm's tensors and the
+    untied output projection; `layer`: paths inside one decoder layer and the HF names after
+    `prefix` + "{i}."."""
+
+    embed: _Entry
+    norms: tuple[_Entry, ...]
+    head: _Entry
+    layer: tuple[_Entry, ...]
+    prefix: str
+
+    @property
+    def top(self) -> tuple[_Entry, ...]:
+        return (self.embed, *self.norms, self.head)
+
+
+def _projection(module: str, name: str, bias: bool) -> tuple[_Entry, ...]:
+    """A linear layer's kernel (transposed: HF stores [out, in]) and optionally its bias."""
+    weight = ((module, name, "kernel"), f"{module}.{name}.weight", True)
+    return (weight, ((module, name, "bias"), f"{module}.{name}.bias", False))[:1 + bias]
+
+
+def _norm(name: str, bias: bool) -> tuple[_Entry, ...]:
+    return (((name, "weight"), f"{name}.weight", False),
+            ((name, "bias"), f"{name}.bias", False))[:1 + bias]
+
+
+def _llama_table(qkv_bias: bool) -> _Table:
+    """LLaMA and Mistral; Qwen2 (`qkv_bias`) adds q/k/v biases."""
+    return _Table(
+        embed=(("embed_tokens", "embedding"), "model.embed_tokens.weight", False),
+        norms=((("norm", "weight"), "model.norm.weight", False),),
+        head=(("lm_head", "kernel"), "lm_head.weight", True),
+        layer=(*_norm("input_layernorm", False),
+               *(e for p in ("q_proj", "k_proj", "v_proj")
+                 for e in _projection("self_attn", p, qkv_bias)),
+               *_projection("self_attn", "o_proj", False),
+               *_norm("post_attention_layernorm", False),
+               *(e for p in ("gate_proj", "up_proj", "down_proj")
+                 for e in _projection("mlp", p, False))),
+        prefix="model.layers.",
+    )
+
+
+def _gpt_neox_table(attention_bias: bool) -> _Table:
+    """GPT-NeoX: LayerNorms with bias, biased MLP, attention biased per `attention_bias`."""
+    return _Table(
+        embed=(("embed_in", "embedding"), "gpt_neox.embed_in.weight", False),
+        norms=tuple((path, f"gpt_neox.{name}", t)
+                    for path, name, t in _norm("final_layer_norm", True)),
+        head=(("embed_out", "kernel"), "embed_out.weight", True),
+        layer=(*_norm("input_layernorm", True), *_norm("post_attention_layernorm", True),
+               *_projection("attention", "query_key_value", attention_bias),
+               *_projection("attention", "dense", attention_bias),
+               *_projection("mlp", "dense_h_to_4h", True),
+               *_projection("mlp", "dense_4h_to_h", True)),
+        prefix="gpt_neox.layers.",
+    )
+
+
+def _table(cfg: LlamaConfig | None) -> _Table:
+    """The name table of `cfg`'s family (None: a LLaMA decoder)."""
+    if cfg is None or cfg.block == "llama":
+        return _llama_table(cfg is not None and cfg.attention_bias)
+    return _gpt_neox_table(cfg.attention_bias)
+
+
 SCANNED_LAYERS = "layers"
 
 
@@ -86,41 +141,56 @@ class TensorName:
     transpose: bool
 
 
-def _layer_entry(layer: int, sub: tuple[str, ...], hf_suffix: str, transpose: bool,
-                 scan_layers: bool) -> TensorName:
+def _layer_entry(table: _Table, layer: int, sub: tuple[str, ...], hf_suffix: str,
+                 transpose: bool, scan_layers: bool) -> TensorName:
     path = (SCANNED_LAYERS, *sub) if scan_layers else (f"layers_{layer}", *sub)
-    return TensorName(f"{_LAYER_PREFIX}{layer}.{hf_suffix}", path,
+    return TensorName(f"{table.prefix}{layer}.{hf_suffix}", path,
                       layer if scan_layers else None, transpose)
 
 
 def tensor_names(cfg: LlamaConfig) -> list[TensorName]:
     """Every tensor of a checkpoint for `cfg`, in HF order (params layout per cfg.scan_layers)."""
-    names = [TensorName(_TOP[0][1], _TOP[0][0], None, _TOP[0][2])]
+    table = _table(cfg)
+    names = [TensorName(table.embed[1], table.embed[0], None, table.embed[2])]
     for layer in range(cfg.num_hidden_layers):
-        names += [_layer_entry(layer, sub, hf, t, cfg.scan_layers) for sub, hf, t in _LAYER]
-    names.append(TensorName(_TOP[1][1], _TOP[1][0], None, _TOP[1][2]))
+        names += [_layer_entry(table, layer, sub, hf, t, cfg.scan_layers)
+                  for sub, hf, t in table.layer]
+    names += [TensorName(name, path, None, t) for path, name, t in table.norms]
     if not cfg.tie_word_embeddings:
-        names.append(TensorName(_TOP[2][1], _TOP[2][0], None, _TOP[2][2]))
+        names.append(TensorName(table.head[1], table.head[0], None, table.head[2]))
     return names
 
 
-def lookup_hf(hf: str, *, scan_layers: bool = False) -> TensorName:
-    """The table entry for an HF tensor name; `CheckpointError` if the model has no such tensor."""
-    for path, name, transpose in _TOP:
+def output_projection(cfg: LlamaConfig) -> str:
+    """The HF name of `cfg`'s output projection ("lm_head.weight", GPT-NeoX "embed_out.weight"),
+    which a tied model shares with its token embedding."""
+    return _table(cfg).head[1]
+
+
+def lookup_hf(hf: str, *, scan_layers: bool = False,
+              cfg: LlamaConfig | None = None) -> TensorName:
+    """The table entry for an HF tensor name in `cfg`'s family (None: LLaMA);
+    `CheckpointError` if the model has no such tensor."""
+    table = _table(cfg)
+    for path, name, transpose in table.top:
         if hf == name:
             return TensorName(hf, path, None, transpose)
-    if hf.startswith(_LAYER_PREFIX):
-        index, _, suffix = hf[len(_LAYER_PREFIX):].partition(".")
-        for sub, name, transpose in _LAYER:
+    if hf.startswith(table.prefix):
+        index, _, suffix = hf[len(table.prefix):].partition(".")
+        for sub, name, transpose in table.layer:
             if suffix == name and index.isdigit():
-                return _layer_entry(int(index), sub, name, transpose, scan_layers)
-    raise CheckpointError(f"tensor {hf!r} is not part of a LLaMA decoder checkpoint")
+                return _layer_entry(table, int(index), sub, name, transpose, scan_layers)
+    family = "LLaMA" if cfg is None else cfg.model_type
+    raise CheckpointError(f"tensor {hf!r} is not part of a {family} decoder checkpoint")
 
 
-def lookup_path(path: tuple[str, ...], layer: int | None = None) -> TensorName:
-    """The table entry for a params path (`layer` indexes a scanned `layers` stack)."""
+def lookup_path(path: tuple[str, ...], layer: int | None = None, *,
+                cfg: LlamaConfig | None = None) -> TensorName:
+    """The table entry for a params path (`layer` indexes a scanned `layers` stack) in
+    `cfg`'s family (None: LLaMA)."""
+    table = _table(cfg)
     path = tuple(path)
-    for top, name, transpose in _TOP:
+    for top, name, transpose in table.top:
         if path == top:
             return TensorName(name, path, None, transpose)
     head, sub = path[0], path[1:]
@@ -128,9 +198,9 @@ def lookup_path(path: tuple[str, ...], layer: int | None = None) -> TensorName:
         raise CheckpointError(f"params path {'/'.join(path)} is a scanned stack: give `layer`")
     if head == SCANNED_LAYERS or (head.startswith("layers_") and head[7:].isdigit()):
         index = layer if head == SCANNED_LAYERS else int(head[7:])
-        for layer_sub, name, transpose in _LAYER:
+        for layer_sub, name, transpose in table.layer:
             if sub == layer_sub:
-                return _layer_entry(index, sub, name, transpose, head == SCANNED_LAYERS)
+                return _layer_entry(table, index, sub, name, transpose, head == SCANNED_LAYERS)
     raise CheckpointError(f"params path {'/'.join(path)} has no HF tensor name")
 
 
@@ -138,9 +208,9 @@ def lookup_path(path: tuple[str, ...], layer: int | None = None) -> TensorName:
 
 
 def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flat {params path: shape} of `LlamaForCausalLM(cfg)` (abstract init, no memory)."""
+    """Flat {params path: shape} of `build_model(cfg)` (abstract init, no memory)."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), ids)
+    abstract = jax.eval_shape(build_model(cfg).init, jax.random.key(0), ids)
     flat = traverse_util.flatten_dict(nn.meta.unbox(abstract["params"]))
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
@@ -189,7 +259,8 @@ def assemble_params(
 
 
 def _check_tensors(cfg, shapes, expected, by_path, source) -> None:
-    embed = _TOP[0][1]
+    table = _table(cfg)
+    embed = table.embed[1]
     if embed in shapes and shapes[embed][0] != cfg.vocab_size:
         raise CheckpointError(
             f"{source}: vocab_size={cfg.vocab_size} in the config but {embed} has "
@@ -200,7 +271,7 @@ def _check_tensors(cfg, shapes, expected, by_path, source) -> None:
         want = tuple(reversed(one)) if names[0].transpose else one
         for name in names:
             if name.hf not in shapes:
-                hint = " (tie_word_embeddings is false)" if name.hf == _TOP[2][1] else ""
+                hint = " (tie_word_embeddings is false)" if name.hf == table.head[1] else ""
                 raise CheckpointError(
                     f"{source}: missing tensor {name.hf} (expected shape {list(want)}){hint}"
                 )
@@ -277,7 +348,10 @@ def load_pretrained(
     shardings: Any = None,
     config_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[LlamaConfig, dict]:
-    """Reads an HF LLaMA checkpoint dir (config.json + safetensors) -> (config, params).
+    """Reads an HF checkpoint dir (config.json + safetensors) -> (config, params).
+
+    Any supported family (`config.json`'s model_type: llama, mistral, qwen2, gpt_neox);
+    `build_model(config)` is its module.
 
     dtype: storage dtype of the params (default: `param_dtype` in config_overrides, else the
       checkpoint's); the returned config's `param_dtype` says which.
@@ -300,7 +374,7 @@ def load_pretrained(
         slices = {name: handle.get_slice(name) for name, handle in handles.items()}
         shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
         if dtype is None:
-            dtype = overrides.get("param_dtype") or _checkpoint_dtype(slices)
+            dtype = overrides.get("param_dtype") or _checkpoint_dtype(slices, cfg)
         dtype = jnp.dtype(dtype)
         cfg = cfg.replace(param_dtype=dtype.name)
         params = assemble_params(
@@ -310,8 +384,8 @@ def load_pretrained(
     return cfg, params
 
 
-def _checkpoint_dtype(slices) -> str:
-    embed = slices.get(_TOP[0][1])
+def _checkpoint_dtype(slices, cfg: LlamaConfig) -> str:
+    embed = slices.get(_table(cfg).embed[1])
     kind = embed.get_dtype() if embed is not None else "F32"
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")
 
@@ -328,7 +402,7 @@ def _to_host(x) -> np.ndarray:
 
 def _hf_tensors(cfg: LlamaConfig, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, HF-layout numpy tensor) for every weight, one parameter gathered at a time."""
-    if "params" in params and "embed_tokens" not in params:
+    if "params" in params and _table(cfg).embed[0][0] not in params:
         raise CheckpointError("pass the params tree itself, not {'params': ...} variables")
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     by_path: dict[tuple[str, ...], list[TensorName]] = {}

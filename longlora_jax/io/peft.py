@@ -26,7 +26,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from longlora_jax.errors import CheckpointError
-from longlora_jax.io.hf import lookup_hf
+from longlora_jax.io.hf import lookup_hf, output_projection, tensor_names
 from longlora_jax.io.torch_pickle import load_torch_file
 from longlora_jax.modeling.config import LORA_TARGETS, LlamaConfig
 from longlora_jax.modeling.lora import LORA_COLLECTION
@@ -101,7 +101,8 @@ def apply_adapter(cfg: LlamaConfig, params: Mapping[str, Any],
     cfg = cfg.replace(lora_rank=rank, lora_alpha=float(config["lora_alpha"]),
                       lora_targets=tuple(sorted(config["target_modules"])))
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    kernel_dtype = flat[("embed_tokens", "embedding")].dtype
+    kernel_dtype = flat[next(n.path for n in tensor_names(cfg)
+                             if n.path[-1] == "embedding")].dtype
     lora: dict[tuple[str, ...], np.ndarray] = {}
     full: dict[str, np.ndarray] = {}
     factors = 0
@@ -110,7 +111,7 @@ def apply_adapter(cfg: LlamaConfig, params: Mapping[str, Any],
         if factor is None:
             full[name] = array
             continue
-        entry = lookup_hf(name, scan_layers=cfg.scan_layers)
+        entry = lookup_hf(name, scan_layers=cfg.scan_layers, cfg=cfg)
         if entry.path[-2] not in cfg.lora_targets:
             raise CheckpointError(f"{key}: {entry.path[-2]} is not in the adapter's "
                                   f"target_modules {sorted(cfg.lora_targets)}")
@@ -137,20 +138,22 @@ def _load_full_weights(cfg: LlamaConfig, flat: dict, full: Mapping[str, np.ndarr
                        dtype) -> LlamaConfig:
     """Puts the adapter's full weights (embeddings, norms) into `flat`, growing the
     vocabulary when the embedding has more rows than the base (see the module docstring)."""
-    embed_key = ("embed_tokens", "embedding")
-    embedding = full.get("model.embed_tokens.weight")
+    embed = next(n for n in tensor_names(cfg) if n.path[-1] == "embedding")
+    head = output_projection(cfg)
+    embedding = full.get(embed.hf)
     if embedding is not None and embedding.shape[0] > cfg.vocab_size:
         extra = embedding.shape[0] - cfg.vocab_size
         cfg = cfg.replace(vocab_size=embedding.shape[0])
-        flat[embed_key] = np.zeros(embedding.shape, dtype)
+        flat[embed.path] = np.zeros(embedding.shape, dtype)
         if not cfg.tie_word_embeddings:
-            head = flat[("lm_head", "kernel")]  # [E, V]
-            mean = head.mean(axis=1, keepdims=True)
-            flat[("lm_head", "kernel")] = np.concatenate([head] + [mean] * extra, axis=1)
+            head_path = lookup_hf(head, cfg=cfg).path
+            kernel = flat[head_path]  # [E, V]
+            mean = kernel.mean(axis=1, keepdims=True)
+            flat[head_path] = np.concatenate([kernel] + [mean] * extra, axis=1)
     for name, array in full.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name == head and cfg.tie_word_embeddings:
             continue  # our tied export saves the shared matrix under both names
-        entry = lookup_hf(name, scan_layers=cfg.scan_layers)
+        entry = lookup_hf(name, scan_layers=cfg.scan_layers, cfg=cfg)
         target = flat[entry.path]
         value = array.T if entry.transpose else array
         one = target.shape[1:] if entry.layer is not None else target.shape

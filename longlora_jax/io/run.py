@@ -43,7 +43,7 @@ from longlora_jax.io.base import (
 )
 from longlora_jax.io.peft import apply_adapter
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
 from longlora_jax.parallel import rules
 from longlora_jax.parallel.mesh import single_device_mesh
@@ -88,7 +88,7 @@ def newest_readable_meta(manager: ocp.CheckpointManager) -> tuple[int, dict[str,
 
 def trainable_abstract(cfg: LlamaConfig, mode: str, shardings: Any) -> tuple[Any, Any]:
     """(labels, abstract trainable subtree in fp32 placed by `shardings`) of a run's model."""
-    boxed = abstract_variables(LlamaForCausalLM(cfg))
+    boxed = abstract_variables(build_model(cfg))
     labels = trainable_labels(boxed, mode)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s),
                             nn.unbox(boxed), shardings)
@@ -145,7 +145,7 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
                                   "an older longlora_jax (its meta has no model config)")
         cfg = LlamaConfig.from_dict(meta["model"])
         mesh = single_device_mesh()
-        shardings = rules.tree_shardings(mesh, abstract_variables(LlamaForCausalLM(cfg)))
+        shardings = rules.tree_shardings(mesh, abstract_variables(build_model(cfg)))
         labels, abstract = trainable_abstract(cfg, meta["mode"], shardings)
         trainable = manager.restore(step, args=ocp.args.Composite(
             **{TRAINABLE: ocp.args.StandardRestore(abstract)}))[TRAINABLE]
@@ -190,7 +190,7 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
             cfg = base_config(spec, overrides)
             tokenizer = load_tokenizer("auto", spec)
         mesh = single_device_mesh()
-        shardings = rules.tree_shardings(mesh, abstract_variables(LlamaForCausalLM(cfg)))
+        shardings = rules.tree_shardings(mesh, abstract_variables(build_model(cfg)))
         params = load_base_params(spec, cfg, seed=seed, dtype=dtype,
                                   shardings=shardings["params"])
         variables, name = {"params": params}, str(spec)

@@ -17,6 +17,11 @@ S2-Attn with group size G (even, <= N), exactly as the official LongLoRA code co
   * N not a multiple of G is padded at the end (causality hides the padding; with `wrap=True`
     the padded keys are masked).
   * `segment_ids` [B, N] (packed documents) additionally restricts attention to equal ids.
+  * `window` W (Mistral's sliding window) additionally restricts a query to the keys fewer
+    than W positions before it in its group's attention order: itself and the W - 1 before.
+    A group longer than W attends within both; in the original order everywhere except the
+    wrapped group of `wrap=True`, whose order is the rolled (padded) one. Full causal
+    attention is one group of N, so there it is exactly HF's sliding-window mask.
 
 Rolling is realised as slicing: the shifted groups are [G/2, N - G/2) cut into groups of G, plus
 the "straddling" group (the last G/2 tokens followed by the first G/2), which `wrap=False` cuts
@@ -27,6 +32,7 @@ the first G/2 tokens" means the next device's first G/2 tokens: one collective-p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -85,7 +91,7 @@ def resolve_impl(impl: str, dtype=jnp.float32) -> str:
 # --------------------------------------------------------------------------- full causal
 
 
-def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
+def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None, window=None) -> jax.Array:
     """Full causal attention materialising each head's [N, N] scores (the XLA reference).
 
     Heads are looped over (`kernels.map_chunks`), so the live scores are a few heads' worth;
@@ -99,6 +105,8 @@ def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
     def one_head(q, k, v, seg):
         scores = jnp.einsum("qd,sd->qs", q, k, preferred_element_type=jnp.float32)
         mask = jnp.tril(jnp.ones((n, n), dtype=bool))
+        if window is not None:
+            mask = mask & ~jnp.tril(mask, -window)
         if seg is not None:
             mask = mask & (seg[:, None] == seg[None, :])
         scores = jnp.where(mask, scores / jnp.sqrt(jnp.float32(d)), -jnp.inf)
@@ -113,26 +121,28 @@ def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
     return out.reshape(b, hq, n, d).transpose(0, 2, 1, 3)
 
 
-def causal_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids=None, impl: str = "xla") -> jax.Array:
-    """Full causal attention; `segment_ids` [B, N] masks across packed documents.
+def causal_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids=None, impl: str = "xla",
+                     window: int | None = None) -> jax.Array:
+    """Full causal attention; `segment_ids` [B, N] masks across packed documents; `window`
+    W: a sliding window (a query sees itself and the W - 1 keys before it).
 
     impl: xla (dense reference, O(N^2) memory) | splash | cudnn | auto.
     """
     _check_inputs(q_bnhd, k_bnkd, v_bnkd, segment_ids)
     impl = resolve_impl(impl, q_bnhd.dtype)
     if impl == "xla":  # plain XLA: the compiler partitions it under any mesh
-        return _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids)
+        return _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids, window)
 
     mesh = _mesh_axes()
     if mesh is not None:  # fused kernels run per device, with the whole sequence
         mesh = dataclasses.replace(mesh, seq_size=1)
     if impl == "splash":
         n, hq = q_bnhd.shape[1:3]
-        masks = kernels.s2_splash_masks(n, hq, group=n, wrap=False)[:1] * hq  # causal
+        masks = kernels.s2_splash_masks(n, hq, group=n, wrap=False, window=window)[:1] * hq
         return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, segment_ids, mesh)
 
     def whole(q, k, v, seg):
-        return _GROUPED[impl](q, k, v, group=q.shape[1], segment_ids=seg)
+        return _GROUPED[impl](q, k, v, group=q.shape[1], segment_ids=seg, window=window)
 
     if mesh is None:
         return whole(q_bnhd, k_bnkd, v_bnkd, segment_ids)
@@ -314,8 +324,10 @@ def _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | Non
 
 
 def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
-                 segment_ids=None, impl: str = "xla", shift: bool = True) -> jax.Array:
+                 segment_ids=None, impl: str = "xla", shift: bool = True,
+                 window: int | None = None) -> jax.Array:
     """Shifted sparse attention (see module docstring); impl: xla | splash | cudnn | auto.
+    `window`: a sliding window W applied within the groups too (None: none).
 
     shift=False is short attention: every head attends within the unshifted groups (the
     paper's ablation of the shift; no information crosses a group boundary).
@@ -330,7 +342,7 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
     n = q_bnhd.shape[1]
     _check_group(group_size, n)
     impl = resolve_impl(impl, q_bnhd.dtype)
-    grouped = _GROUPED[impl]
+    grouped = functools.partial(_GROUPED[impl], window=window)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     mesh = _mesh_axes()
     seq_size = 1 if mesh is None else mesh.seq_size
@@ -349,7 +361,7 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
         return _per_device(per_device, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 
     if impl == "splash":  # per-head masks express the shift directly: one kernel call
-        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap, shift)
+        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap, shift, window)
         return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh)
 
     def whole(q, k, v, seg):
@@ -401,7 +413,8 @@ def sft_group_choices(n: int) -> tuple[int, ...]:
 
 
 def sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids, wrap: bool = False,
-                     impl: str = "xla", shift: bool = True) -> jax.Array:
+                     impl: str = "xla", shift: bool = True,
+                     window: int | None = None) -> jax.Array:
     """S2 with each row's group from the official SFT rule (`longlora_sft_group`).
 
     segment_ids [B, N]: > 0 on an example's tokens, 0 on padding (one example per row). The
@@ -423,13 +436,14 @@ def sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids, wrap: bool = False,
 
     def one_group(group):
         def run(q, k, v, seg):
+            grouped = functools.partial(_GROUPED[impl], window=window)
             if group > n:
-                return _GROUPED[impl](q, k, v, group=n, segment_ids=seg)
+                return grouped(q, k, v, group=n, segment_ids=seg)
             if impl == "splash":
-                masks = kernels.s2_splash_masks(n, q.shape[2], group, wrap, shift)
+                masks = kernels.s2_splash_masks(n, q.shape[2], group, wrap, shift, window)
                 return kernels.run_splash(kernels.make_splash_kernel(masks), q, k, v, seg)
             return _s2_padded(q, k, v, seg, group=group, wrap=wrap, shift=shift,
-                              grouped=_GROUPED[impl])
+                              grouped=grouped)
 
         return run
 
@@ -457,14 +471,17 @@ def sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids, wrap: bool = False,
 
 def attend(q_bnhd, k_bnkd, v_bnkd, cfg: LlamaConfig, *, train: bool, segment_ids=None) -> jax.Array:
     """The model's attention: with `train`, S2 (or short attention) as `attention_train`
-    says, with the group of `s2_group_rule`; otherwise full causal."""
+    says, with the group of `s2_group_rule`; otherwise full causal. Every form keeps the
+    model's sliding window, if it has one."""
     if train and cfg.attention_train in ("s2", "short"):
         shift = cfg.attention_train == "s2"
         if cfg.s2_group_rule == "longlora_sft":
             return sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
-                                    wrap=cfg.s2_wrap, impl=cfg.attention_impl, shift=shift)
+                                    wrap=cfg.s2_wrap, impl=cfg.attention_impl, shift=shift,
+                                    window=cfg.sliding_window)
         group = cfg.s2_group(q_bnhd.shape[1])
         return s2_attention(q_bnhd, k_bnkd, v_bnkd, group_size=group, wrap=cfg.s2_wrap,
-                            segment_ids=segment_ids, impl=cfg.attention_impl, shift=shift)
+                            segment_ids=segment_ids, impl=cfg.attention_impl, shift=shift,
+                            window=cfg.sliding_window)
     return causal_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
-                            impl=cfg.attention_impl)
+                            impl=cfg.attention_impl, window=cfg.sliding_window)

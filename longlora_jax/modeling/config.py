@@ -1,8 +1,20 @@
 """`LlamaConfig`: the architecture (HF `config.json` semantics) plus the LongLoRA knobs.
 
-One frozen, hashable dataclass carries everything `LlamaForCausalLM` needs: the architecture
-fields that round-trip through HF `config.json` (`from_hf` / `to_hf`), and the training-time
-settings (S2-Attn, LoRA, dtypes, remat, scan) that never go into an exported config.
+One frozen, hashable dataclass carries everything a model needs: the architecture fields that
+round-trip through HF `config.json` (`from_hf` / `to_hf`), and the training-time settings
+(S2-Attn, LoRA, dtypes, remat, scan) that never go into an exported config.
+
+Every model family uses this one class (so every family has the same training knobs, and a
+run's metadata rebuilds any of them with `from_dict`); `model_type` (HF's `config.json`
+field) names the family, and a few fields only one family uses say where its block differs:
+
+    llama      the LLaMA decoder (RMSNorm, SwiGLU, q/k/v/o projections, RoPE), GQA
+    mistral    + `sliding_window` W: a query sees itself and the W - 1 tokens before it
+    qwen2      + biases on q/k/v (`attention_bias`; Qwen2/2.5, large `rope_theta`)
+    gpt_neox   GPT-NeoX / Pythia: fused head-interleaved `query_key_value`, partial rotary
+               (`partial_rotary_factor`, HF's `rotary_pct`), parallel residual
+               (`use_parallel_residual`), LayerNorm with bias, GELU MLP (`hidden_act`),
+               untied `embed_out`; `attention_bias` puts biases on query_key_value and dense
 """
 
 from __future__ import annotations
@@ -21,10 +33,21 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_TRAIN = ("full", "s2", "short")
 S2_GROUP_RULES = ("fixed", "longlora_sft")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16", "float16")
-# HF `model_type`s whose checkpoints are plain LLaMA decoders (no biases, no sliding window).
-LLAMA_FAMILY = ("llama", "mistral")
+# HF `model_type`s this project builds; the first three share the LLaMA block.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+LLAMA_BLOCK = ("llama", "mistral", "qwen2")
+# LoRA targets: the family's projection modules, named as HF (and so PEFT) names them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT_NEOX_LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+# Per block (`LlamaConfig.block`): the valid LoRA targets, the default ones (the official
+# LongLoRA fine-tune.py's: q/k/v/o for LLaMA, "query_key_value" and "dense" for GPT-NeoX) and
+# the MLP activations ("gelu" is the exact erf GELU, the others HF's names of its tanh form).
+BLOCK_LORA_TARGETS = {"llama": LORA_TARGETS, "gpt_neox": GPT_NEOX_LORA_TARGETS}
+DEFAULT_LORA_TARGETS = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                        "gpt_neox": ("query_key_value", "dense")}
+HIDDEN_ACTS = {"llama": ("silu",),
+               "gpt_neox": ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")}
 
 # Per-type fields of a rope scaling block and whether HF requires them.
 _ROPE_FIELDS: dict[str, dict[str, bool]] = {
@@ -139,11 +162,17 @@ def rope_name(scaling: RopeScaling) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """A LLaMA-family decoder plus the LongLoRA training knobs.
+    """A decoder of any supported family (`model_type`) plus the LongLoRA training knobs.
 
     Architecture (round-trips through HF config.json):
+      model_type: "llama" | "mistral" | "qwen2" | "gpt_neox" (see the module docstring).
       vocab_size V, hidden_size E, intermediate_size F, num_hidden_layers L,
       num_attention_heads Hq, num_key_value_heads Hkv, head_dim D (default E // Hq).
+      rms_norm_eps: the norms' epsilon (GPT-NeoX: its LayerNorms', HF's `layer_norm_eps`).
+      sliding_window W (mistral; None = full causal), attention_bias (qwen2: always True;
+      gpt_neox: HF's `attention_bias`, default True; None picks the family's),
+      partial_rotary_factor (gpt_neox `rotary_pct`: RoPE on the first D * factor dims of
+      each head), use_parallel_residual (gpt_neox), hidden_act (MLP activation).
     Numerics: `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of
       newly initialised parameters; softmax, norms' statistics and the loss are always fp32.
     Training-time only (never exported):
@@ -156,7 +185,9 @@ class LlamaConfig:
       s2_wrap: the paper's Algorithm 1 (last shifted group wraps around) instead of the
         official flash-attention segments.
       attention_impl: "auto" | "xla" | "splash" | "cudnn" -- kernel backend.
-      lora_rank r (0 disables LoRA), lora_alpha, lora_dropout, lora_targets.
+      lora_rank r (0 disables LoRA), lora_alpha, lora_dropout, lora_targets (HF module
+        names of the family's projections; None: the official LongLoRA ones, the attention
+        projections).
       remat_policy: "none" | "full" | "dots" | "dots_no_batch" (what the backward pass may keep).
       scan_layers: run the L decoder layers with `nn.scan` (params get a leading layer axis).
     """
@@ -177,6 +208,13 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    # Where a family's block differs from LLaMA's (module docstring).
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    attention_bias: bool | None = None
+    partial_rotary_factor: float = 1.0
+    use_parallel_residual: bool = False
+    hidden_act: str | None = None
     # Numerics and memory.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -193,9 +231,16 @@ class LlamaConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        _check_model_type(self.model_type)
+        defaults = {"attention_bias": self.model_type in ("qwen2", "gpt_neox"),
+                    "hidden_act": HIDDEN_ACTS[self.block][0],
+                    "lora_targets": DEFAULT_LORA_TARGETS[self.block]}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -240,9 +285,61 @@ class LlamaConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for target in self.lora_targets:
-            _check_choice("lora target", target, LORA_TARGETS)
+            _check_choice("lora target", target, BLOCK_LORA_TARGETS[self.block])
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        """The family-specific fields: each only where its family has it."""
+        kind = self.model_type
+        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS[self.block])
+        window = self.sliding_window
+        if window is not None and (kind != "mistral" or window <= 0):
+            raise ConfigError(f"sliding_window={window}: only mistral has one (a positive "
+                              f"number of tokens), not {kind}")
+        if self.attention_bias != (kind == "qwen2") and kind != "gpt_neox":
+            have = "always has" if kind == "qwen2" else "has no"
+            raise ConfigError(f"attention_bias={self.attention_bias}: {kind} {have} q/k/v "
+                              "biases")
+        if kind != "gpt_neox" and (self.partial_rotary_factor != 1.0
+                                   or self.use_parallel_residual):
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} / "
+                              f"use_parallel_residual={self.use_parallel_residual} are GPT-NeoX "
+                              f"fields; {kind} has full rotary and a sequential residual")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim < 2 or (
+                self.rotary_dim % 2):
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} gives "
+                              f"{self.rotary_dim} rotary dims of head_dim={self.head_dim}; "
+                              "need an even number >= 2")
+        if kind == "gpt_neox" and (self.num_key_value_heads != self.num_attention_heads
+                                   or self.head_dim * self.num_attention_heads
+                                   != self.hidden_size):
+            raise ConfigError(
+                f"gpt_neox has no GQA and head_dim = hidden_size / heads: got "
+                f"num_key_value_heads={self.num_key_value_heads}, head_dim={self.head_dim} for "
+                f"{self.num_attention_heads} heads of hidden_size={self.hidden_size}")
 
     # ----------------------------------------------------------------------------- derived
+
+    @property
+    def block(self) -> str:
+        """The decoder block: "llama" (llama, mistral, qwen2) or "gpt_neox"."""
+        return block_of(self.model_type)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones): D * partial_rotary_factor."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """{HF module name: (in, out)} of one layer's projections (the LoRA-able matmuls)."""
+        e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        hq, hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.block == "gpt_neox":
+            return {"query_key_value": (e, 3 * hq * d), "dense": (hq * d, e),
+                    "dense_h_to_4h": (e, f), "dense_4h_to_h": (f, e)}
+        return {"q_proj": (e, hq * d), "k_proj": (e, hkv * d), "v_proj": (e, hkv * d),
+                "o_proj": (hq * d, e), "gate_proj": (e, f), "up_proj": (e, f),
+                "down_proj": (f, e)}
 
     @property
     def num_query_groups(self) -> int:
@@ -309,11 +406,17 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         """Base-model parameter count (LoRA factors excluded)."""
-        e, f, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        attn = e * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = attn + 3 * e * f + 2 * e
+        e, v = self.hidden_size, self.vocab_size
+        projections = self.projections()
+        layer = sum(i * o for i, o in projections.values())
+        norm = 2 * e if self.block == "gpt_neox" else e  # LayerNorm: weight + bias
+        if self.block == "gpt_neox":  # biases on the MLP always, on attention if attention_bias
+            layer += sum(o for name, (_, o) in projections.items()
+                         if name.startswith("dense_") or self.attention_bias)
+        elif self.attention_bias:  # qwen2: q, k, v
+            layer += sum(projections[name][1] for name in ("q_proj", "k_proj", "v_proj"))
         head = 0 if self.tie_word_embeddings else v * e
-        return self.num_hidden_layers * layer + v * e + head + e
+        return self.num_hidden_layers * (layer + 2 * norm) + v * e + head + norm
 
     # ----------------------------------------------------------------------------- HF I/O
 
@@ -323,29 +426,19 @@ class LlamaConfig:
     ) -> LlamaConfig:
         """Reads an HF config.json dict, file or checkpoint directory.
 
-        Accepts the transformers-4 spelling (`rope_theta` + `rope_scaling`) and the
-        transformers-5 spelling (`rope_parameters` carrying `rope_theta`). `overrides` set
-        non-architecture fields (dtype, LoRA, S2-Attn, ...).
+        The family is the config's `model_type` (one of `MODEL_TYPES`; anything else is a
+        one-line ConfigError). Accepts the transformers-4 spelling (`rope_theta` +
+        `rope_scaling`; GPT-NeoX's `rotary_pct` / `rotary_emb_base`) and the transformers-5
+        spelling (`rope_parameters` carrying `rope_theta`). `overrides` set non-architecture
+        fields (dtype, LoRA, S2-Attn, ...).
         """
         hf = _read_hf_dict(source)
         model_type = hf.get("model_type", "llama")
-        if model_type not in LLAMA_FAMILY:
-            raise ConfigError(
-                f"model_type {model_type!r} is not a LLaMA-family decoder; supported: "
-                f"{', '.join(LLAMA_FAMILY)}"
-            )
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise ConfigError(f"{flag}=True is not supported (LLaMA decoders have no biases)")
-        window = hf.get("sliding_window")
-        if window and window < hf.get("max_position_embeddings", 0):
-            raise ConfigError(f"sliding_window={window} is not supported (full causal attention)")
+        _check_model_type(model_type)
         rope_block = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = rope_block.get("rope_theta", hf.get("rope_theta", 10000.0))
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"hidden_act {act!r} is not supported; LLaMA uses 'silu'")
         fields = dict(
+            model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -362,12 +455,15 @@ class LlamaConfig:
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             initializer_range=hf.get("initializer_range", 0.02),
+            hidden_act=hf.get("hidden_act"),
         )
+        fields.update(_FROM_HF[block_of(model_type)](hf, rope_block))
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers 4 and 5 load with the same rope scaling."""
+        """A config.json dict (for `model_type`'s HF class) that transformers 4 and 5 load
+        with the same rope scaling."""
         rope = self.rope_scaling.to_hf()
         out: dict[str, Any] = {
             "architectures": ["LlamaForCausalLM"],
@@ -398,7 +494,7 @@ class LlamaConfig:
             "rope_scaling": self._legacy_rope_scaling(),
             "torch_dtype": self.param_dtype,
         }
-        return out
+        return _family_to_hf(self, out)
 
     def _legacy_rope_scaling(self) -> dict[str, Any] | None:
         """config.json's `rope_scaling` for transformers 4 readers: linear and dynamic as
@@ -420,6 +516,75 @@ class LlamaConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_model_type(model_type: str) -> None:
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: "
+                          f"{', '.join(MODEL_TYPES)}")
+
+
+def block_of(model_type: str) -> str:
+    """The decoder block of an HF model_type: "gpt_neox", or "llama" for the LLaMA family."""
+    return "gpt_neox" if model_type == "gpt_neox" else "llama"
+
+
+def _llama_from_hf(hf: Mapping[str, Any], rope_block: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a llama / mistral / qwen2 config.json that differ by family."""
+    kind = hf.get("model_type", "llama")
+    if kind == "llama":
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"{flag}=True is not supported (LLaMA decoders have no biases)")
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError(
+            f"qwen2 use_sliding_window=True (sliding_window={hf.get('sliding_window')} on layers "
+            f">= max_window_layers={hf.get('max_window_layers')}) is not supported; released "
+            "Qwen2/2.5 checkpoints use full attention (use_sliding_window=false)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported; {kind} uses 'silu'")
+    return {"sliding_window": hf.get("sliding_window") if kind == "mistral" else None}
+
+
+def _gpt_neox_from_hf(hf: Mapping[str, Any], rope_block: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-NeoX's own config.json spellings (transformers 4: rotary_pct, rotary_emb_base)."""
+    return {
+        "num_key_value_heads": None, "head_dim": None,
+        "rms_norm_eps": hf.get("layer_norm_eps", 1e-5),
+        "rope_theta": float(rope_block.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
+        "partial_rotary_factor": float(
+            rope_block.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))),
+        "use_parallel_residual": bool(hf.get("use_parallel_residual", True)),
+        "attention_bias": bool(hf.get("attention_bias", True)),
+        "hidden_act": hf.get("hidden_act", "gelu"),
+    }
+
+
+_FROM_HF = {"llama": _llama_from_hf, "gpt_neox": _gpt_neox_from_hf}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+
+
+def _family_to_hf(cfg: LlamaConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """The LLaMA config.json `out` turned into `cfg.model_type`'s own."""
+    out.update(architectures=[_ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
+               hidden_act=cfg.hidden_act)
+    if cfg.model_type == "llama":
+        return out
+    del out["mlp_bias"], out["attention_bias"]
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif cfg.model_type == "qwen2":  # q/k/v biases are built in; the window is off
+        out.update(use_sliding_window=False, sliding_window=None)
+    else:  # GPT-NeoX: its own names (transformers 4 reads rotary_*, 5 rope_parameters)
+        for name in ("rms_norm_eps", "num_key_value_heads", "head_dim"):
+            del out[name]
+        out.update(layer_norm_eps=cfg.rms_norm_eps, attention_bias=cfg.attention_bias,
+                   use_parallel_residual=cfg.use_parallel_residual,
+                   rotary_pct=cfg.partial_rotary_factor, rotary_emb_base=cfg.rope_theta)
+        out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+    return out
 
 
 def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -471,5 +636,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
         max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001,
+    ),
+    # The other families: a tiny one each (CPU configs, tests) and a paper-sized member.
+    "tiny-mistral": dict(
+        model_type="mistral", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, sliding_window=48,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny-gpt-neox": dict(
+        model_type="gpt_neox", vocab_size=512, hidden_size=64, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, partial_rotary_factor=0.25, use_parallel_residual=True,
+        hidden_act="gelu", bos_token_id=0, eos_token_id=0,
+    ),
+    "mistral-7b": dict(  # Mistral-7B-v0.1
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=32768, sliding_window=4096,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        bos_token_id=151643, eos_token_id=151643,
+    ),
+    "pythia-6.9b": dict(
+        model_type="gpt_neox", vocab_size=50432, hidden_size=4096, intermediate_size=16384,
+        num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+        partial_rotary_factor=0.25, use_parallel_residual=True, hidden_act="gelu",
+        bos_token_id=0, eos_token_id=0,
     ),
 }

@@ -2,10 +2,12 @@
 
 Every kernel here computes the same thing: the sequence [0, N) is cut into groups
 [0, G), [G, 2G), ...; each query attends causally to the keys of its own group (and, with
-`segment_ids` [B, N], only to keys of its own segment). S2-Attn (`attention.py`) is built from
-such calls (the shifted heads on a shifted view of the sequence); the fused backends also
-serve full causal attention as one group of G = N. With `s2_splash_masks`, splash does
-all of S2 in one call (per-head masks; `attention.py` splits the heads over devices).
+`segment_ids` [B, N], only to keys of its own segment; with a sliding `window` W, only to the
+keys fewer than W positions before it in the group: itself and the W - 1 before). S2-Attn
+(`attention.py`) is built from such calls (the shifted heads on a shifted view of the
+sequence); the fused backends also serve full causal attention as one group of G = N. With
+`s2_splash_masks`, splash does all of S2 in one call (per-head masks; `attention.py` splits
+the heads over devices).
 
 Shapes: q [B, N, Hq, D]; k, v [B, N, Hkv, D] with Hq a multiple of Hkv (query head h reads kv
 head h // (Hq // Hkv)); output [B, N, Hq, D]. Softmax statistics are fp32.
@@ -23,6 +25,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -41,35 +44,48 @@ DEFAULT_BLOCK = 512
 SCORES_PER_STEP = 1 << 22
 
 
-def _row_mask(i: int, t: int, seg_q=None, seg_k=None, *, transposed: bool = False):
-    """Visible scores of query block i against key blocks 0..i: [T, (i+1)T] ([(i+1)T, T]).
+def _first_block(i: int, t: int, window: int | None) -> int:
+    """The first key block query block i can see: 0, or the one holding i*T - (W - 1)."""
+    return 0 if window is None else max(0, (i * t - window + 1) // t)
+
+
+def _row_mask(i: int, t: int, seg_q=None, seg_k=None, *, window: int | None = None,
+              transposed: bool = False):
+    """Visible scores of query block i against key blocks j0..i: [T, (i+1-j0)T] (or its
+    transpose), j0 = `_first_block` (0 without a window).
 
     Earlier key blocks are fully visible (later ones were skipped); the diagonal block is
-    lower-triangular. seg_q [T] and seg_k [(i+1)T] add "same segment".
+    lower-triangular; a window also cuts the older keys. seg_q [T] and seg_k [(i+1-j0)T] add
+    "same segment".
     """
-    row = jax.lax.broadcasted_iota(jnp.int32, (t, (i + 1) * t), 0) + i * t
-    col = jax.lax.broadcasted_iota(jnp.int32, (t, (i + 1) * t), 1)
+    j0 = _first_block(i, t, window)
+    shape = (t, (i + 1 - j0) * t)
+    row = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + i * t
+    col = jax.lax.broadcasted_iota(jnp.int32, shape, 1) + j0 * t
     mask = row >= col
+    if window is not None:
+        mask = mask & (row - col < window)
     if seg_q is not None:
         mask = mask & (seg_q[:, None] == seg_k[None, :])
     return mask.T if transposed else mask
 
 
-def _chunk_forward(q, k, v, seg):
+def _chunk_forward(q, k, v, seg, window=None):
     """One chunk (a group): q [nb, R, T, D] (pre-scaled), k, v [nb, T, D], seg [nb, T] | None.
 
-    Query block i attends key blocks 0..i only (causal block skipping), as one [T, (i+1)T]
-    score matrix per block. Returns out [nb, R, T, D] (q's dtype) and lse [nb, R, T] (fp32).
+    Query block i attends key blocks j0..i only (causal block skipping; j0 > 0 when a window
+    rules out the older blocks), as one [T, (i+1-j0)T] score matrix per block. Returns out
+    [nb, R, T, D] (q's dtype) and lse [nb, R, T] (fp32).
     """
     nb, _, t, d = q.shape
     k_flat, v_flat = k.reshape(nb * t, d), v.reshape(nb * t, d)
     seg_flat = None if seg is None else seg.reshape(nb * t)
     outs, lses = [], []
     for i in range(nb):
-        keys = slice(0, (i + 1) * t)
+        keys = slice(_first_block(i, t, window) * t, (i + 1) * t)
         s = jnp.einsum("rtd,sd->rts", q[i], k_flat[keys], preferred_element_type=jnp.float32)
         seg_i = None if seg is None else (seg[i], seg_flat[keys])
-        s = jnp.where(_row_mask(i, t, *(seg_i or ())), s, -jnp.inf)
+        s = jnp.where(_row_mask(i, t, *(seg_i or ()), window=window), s, -jnp.inf)
         m = s.max(-1)
         e = jnp.exp(s - m[..., None])
         denom = e.sum(-1)
@@ -80,7 +96,7 @@ def _chunk_forward(q, k, v, seg):
     return jnp.stack(outs).astype(q.dtype), jnp.stack(lses)
 
 
-def _chunk_backward(q, k, v, seg, out, lse, dout):
+def _chunk_backward(q, k, v, seg, out, lse, dout, window=None):
     """Gradients of one chunk (shapes as `_chunk_forward`), scores recomputed from lse.
 
     Scores are recomputed transposed ([(i+1)T, R, T]) so that dK = dS^T Q and dV = P^T dO
@@ -95,9 +111,9 @@ def _chunk_backward(q, k, v, seg, out, lse, dout):
     dv = jnp.zeros((nb * t, d), f32)
     dqs = []
     for i in range(nb):
-        keys = slice(0, (i + 1) * t)
+        keys = slice(_first_block(i, t, window) * t, (i + 1) * t)
         seg_i = None if seg is None else (seg[i], seg_flat[keys])
-        mask = _row_mask(i, t, *(seg_i or ()), transposed=True)[:, None]
+        mask = _row_mask(i, t, *(seg_i or ()), window=window, transposed=True)[:, None]
         st = jnp.einsum("sd,rtd->srt", k_flat[keys], q[i], preferred_element_type=f32)
         pt = jnp.exp(jnp.where(mask, st - lse[i][None], -jnp.inf))
         dpt = jnp.einsum("sd,rtd->srt", v_flat[keys], dout[i], preferred_element_type=f32)
@@ -136,20 +152,22 @@ def _chunk_scores(q) -> int:
     return nb * (nb + 1) // 2 * r * t * t
 
 
-@jax.custom_vjp
-def _blocked_core(q, k, v, seg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_core(q, k, v, seg, window):
     """q [C, nb, R, T, D] (pre-scaled), k, v [C, nb, T, D], seg [C, nb, T] | None -> out."""
-    return _blocked_core_fwd(q, k, v, seg)[0]
+    return _blocked_core_fwd(q, k, v, seg, window)[0]
 
 
-def _blocked_core_fwd(q, k, v, seg):
-    out, lse = map_chunks(_chunk_forward, (q, k, v, seg), _chunk_scores(q))
+def _blocked_core_fwd(q, k, v, seg, window):
+    forward = functools.partial(_chunk_forward, window=window)
+    out, lse = map_chunks(forward, (q, k, v, seg), _chunk_scores(q))
     return out, (q, k, v, seg, out, lse)
 
 
-def _blocked_core_bwd(res, dout):
+def _blocked_core_bwd(window, res, dout):
     q, k, v, seg, out, lse = res
-    dq, dk, dv = map_chunks(_chunk_backward, (q, k, v, seg, out, lse, dout), _chunk_scores(q))
+    backward = functools.partial(_chunk_backward, window=window)
+    dq, dk, dv = map_chunks(backward, (q, k, v, seg, out, lse, dout), _chunk_scores(q))
     return dq, dk, dv, None
 
 
@@ -165,11 +183,12 @@ def default_block(group: int) -> int:
 
 
 def blocked_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=None,
-                           block: int | None = None) -> jax.Array:
+                           window: int | None = None, block: int | None = None) -> jax.Array:
     """Grouped causal attention in XLA with causal block skipping (see module docstring).
 
     `group` must divide N. `block` (T, default `default_block(group)`) need not divide the
-    group: each group is padded at its end to a multiple of T, which causality hides.
+    group: each group is padded at its end to a multiple of T, which causality hides. A
+    `window` also skips the key blocks entirely older than it (O(N W) work, not O(N G)).
     """
     b, n, hq, d = q_bnhd.shape
     hkv = k_bnkd.shape[2]
@@ -195,7 +214,7 @@ def blocked_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=No
         seg = jnp.pad(seg, [(0, 0), (0, 0), (0, pad)])
         seg = jnp.broadcast_to(seg.reshape(b, 1, ng, nb, t), (b, hkv, ng, nb, t))
         segc = seg.reshape(b * hkv * ng, nb, t)
-    out = _blocked_core(qc, kc, vc, segc)  # [C, nb, R, T, D]
+    out = _blocked_core(qc, kc, vc, segc, window)  # [C, nb, R, T, D]
     out = out.reshape(b, hkv, ng, nb, r, t, d).transpose(0, 2, 3, 5, 1, 4, 6)
     return out.reshape(b, ng, nb * t, hq, d)[:, :, :group].reshape(b, n, hq, d)
 
@@ -218,20 +237,25 @@ class _S2Mask(splash_mask._ComputableMask):
     Unshifted: same group p // G. Shifted, wrap=False: same group (p + G/2) // G. Shifted,
     wrap=True: positions rolled left by G/2 within `period` tokens (N padded to a multiple of
     G), same rolled group and causal in rolled order; keys at or beyond `valid` are padding.
+    A sliding `window` W keeps the keys fewer than W positions back in that (rolled) order.
     """
 
-    def __init__(self, length: int, group: int, shifted: bool, wrap: bool, valid: int):
-        self.params = (length, group, shifted, wrap, valid)
+    def __init__(self, length: int, group: int, shifted: bool, wrap: bool, valid: int,
+                 window: int | None = None):
+        self.params = (length, group, shifted, wrap, valid, window)
         half, period = group // 2, -(-valid // group) * group
 
         def mask_function(q_ids, kv_ids):
             if shifted and wrap:
                 rq, rk = (q_ids - half) % period, (kv_ids - half) % period
                 keep = (rq // group == rk // group) & (rq >= rk)
+                if window is not None:
+                    keep = keep & (rq - rk < window)
                 return keep & ((kv_ids < valid) | (q_ids >= valid))
             offset = half if shifted else 0
             same = (q_ids + offset) // group == (kv_ids + offset) // group
-            return same & (q_ids >= kv_ids)
+            keep = same & (q_ids >= kv_ids)
+            return keep if window is None else keep & (q_ids - kv_ids < window)
 
         super().__init__(shape=(length, length), mask_function=mask_function)
 
@@ -265,11 +289,12 @@ def make_splash_kernel(head_masks: list[_S2Mask], interpret: bool | None = None)
 
 
 def s2_splash_masks(n: int, hq: int, group: int, wrap: bool,
-                    shift: bool = True) -> list[_S2Mask]:
+                    shift: bool = True, window: int | None = None) -> list[_S2Mask]:
     """Per-head S2 masks for N tokens: heads h >= Hq // 2 shifted unless `shift` is off
-    (short attention; see `_S2Mask`)."""
+    (short attention), each within the sliding `window` if given (see `_S2Mask`)."""
     length = splash_length(n)
-    return [_S2Mask(length, group, shifted=shift and h >= hq // 2, wrap=wrap, valid=n)
+    return [_S2Mask(length, group, shifted=shift and h >= hq // 2, wrap=wrap, valid=n,
+                    window=window)
             for h in range(hq)]
 
 
@@ -293,10 +318,10 @@ def run_splash(kernel, q_bnhd, k_bnkd, v_bnkd, segment_ids=None) -> jax.Array:
 
 
 def splash_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=None,
-                          interpret: bool | None = None) -> jax.Array:
+                          window: int | None = None, interpret: bool | None = None) -> jax.Array:
     """Grouped causal attention with TPU splash attention (`interpret` defaults to "not TPU")."""
     n, hq = q_bnhd.shape[1], q_bnhd.shape[2]
-    mask = _S2Mask(splash_length(n), group, shifted=False, wrap=False, valid=n)
+    mask = _S2Mask(splash_length(n), group, shifted=False, wrap=False, valid=n, window=window)
     kernel = make_splash_kernel([mask] * hq, interpret)
     return run_splash(kernel, q_bnhd, k_bnkd, v_bnkd, segment_ids)
 
@@ -304,10 +329,12 @@ def splash_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=Non
 # --------------------------------------------------------------------------- GPU cuDNN
 
 
-def cudnn_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=None) -> jax.Array:
+def cudnn_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=None,
+                         window: int | None = None) -> jax.Array:
     """Grouped causal attention with cuDNN flash attention: groups folded into the batch.
 
-    cuDNN needs fp16/bf16 inputs on an NVIDIA GPU; segment ids become a boolean mask.
+    cuDNN needs fp16/bf16 inputs on an NVIDIA GPU; segment ids become a boolean mask; a
+    sliding window is cuDNN's own local window (W - 1 keys back, none ahead).
     """
     b, n, hq, d = q_bnhd.shape
     ng = n // group
@@ -321,6 +348,6 @@ def cudnn_grouped_causal(q_bnhd, k_bnkd, v_bnkd, *, group: int, segment_ids=None
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
     out = jax.nn.dot_product_attention(
         fold(q_bnhd), fold(k_bnkd), fold(v_bnkd), mask=mask, is_causal=True,
-        implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn",
     )
     return out.reshape(b, n, hq, d)

@@ -65,7 +65,7 @@ class KVCache(nn.Module):
 
 
 def init_cache(model: nn.Module, batch: int, length: int) -> Any:
-    """A zero KV cache (the `cache` collection of `model`, a `LlamaForCausalLM`) for `batch`
+    """A zero KV cache (the `cache` collection of `model`, any family's `CausalLM`) for `batch`
     rows of up to `length` tokens, boxed with its logical axis names (`nn.unbox` gives the
     arrays, `sharding.tree_shardings` their placement). Traced abstractly: no forward runs.
     """
@@ -77,16 +77,20 @@ def init_cache(model: nn.Module, batch: int, length: int) -> Any:
 
 
 def cached_attention(q_bnhd, k_bskd, v_bskd, kv_segment_bs, q_segment_bn, start, *,
-                     block: int = DEFAULT_BLOCK) -> jax.Array:
+                     window: int | None = None, block: int = DEFAULT_BLOCK) -> jax.Array:
     """Attention of N new queries [B, N, Hq, D] over the cache [B, S, Hkv, D] -> [B, N, Hq, D].
 
     Query i sits at slot `start + i`; it sees slot j when j <= start + i and the slots'
-    segment ids match. GQA: query head h reads kv head h // (Hq // Hkv).
+    segment ids match; with a sliding `window` W also only when j > start + i - W (slots, as
+    HF's sliding-window mask counts cache positions). GQA: query head h reads kv head
+    h // (Hq // Hkv).
 
     Flash-style: a loop over key blocks of `block` slots with an online softmax (fp32
-    statistics), visiting only the blocks up to the last written slot, so a decode step at
-    slot t costs O(t) and a prefill chunk never holds more than [N, block] scores per head.
-    The loop bound is dynamic (a `while_loop`): forward only, not reverse-differentiable.
+    statistics), visiting only the blocks up to the last written slot (and, with a window,
+    from the first one the oldest query can see), so a decode step at slot t costs O(t)
+    (O(W) with a window) and a prefill chunk never holds more than [N, block] scores per
+    head. The loop bounds are dynamic (a `while_loop`): forward only, not
+    reverse-differentiable. The cache itself still holds every slot.
     """
     b, n, hq, d = q_bnhd.shape
     s, hkv = k_bskd.shape[1], k_bskd.shape[2]
@@ -106,6 +110,8 @@ def cached_attention(q_bnhd, k_bskd, v_bskd, kv_segment_bs, q_segment_bn, start,
         segment_bt = jax.lax.dynamic_slice_in_dim(kv_segment_bs, first, t, axis=1)
         slot_t = first + jnp.arange(t)
         visible_nt = (slot_t[None] <= q_slot_n[:, None]) & (slot_t[None] >= j * t)  # ... masked
+        if window is not None:
+            visible_nt = visible_nt & (slot_t[None] > q_slot_n[:, None] - window)
         visible_bnt = visible_nt[None] & (q_segment_bn[:, :, None] == segment_bt[:, None, :])
         scores = jnp.einsum("bkgnd,btkd->bkgnt", q_bkgnd, k_btkd,
                             preferred_element_type=jnp.float32) * scale
@@ -121,6 +127,8 @@ def cached_attention(q_bnhd, k_bskd, v_bskd, kv_segment_bs, q_segment_bn, start,
     shape = q_bkgnd.shape[:-1]
     init = (jnp.full(shape, masked), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, d), jnp.float32))
-    _, l_bkgn, acc_bkgnd = jax.lax.fori_loop(0, (start + n + t - 1) // t, visit, init)
+    first_block = 0 if window is None else jnp.maximum(start - window + 1, 0) // t
+    _, l_bkgn, acc_bkgnd = jax.lax.fori_loop(first_block, (start + n + t - 1) // t, visit,
+                                             init)
     out_bkgnd = acc_bkgnd / l_bkgn[..., None]
     return out_bkgnd.transpose(0, 3, 1, 2, 4).reshape(b, n, hq, d).astype(q_bnhd.dtype)

@@ -1,5 +1,11 @@
 """LLaMA decoder in flax.linen: RMSNorm, GQA attention with RoPE, SwiGLU MLP, scanned layers.
 
+The LLaMA block serves three HF families (`cfg.model_type`): llama, mistral (its sliding
+window is applied by `attention.attend` and the KV cache, from `cfg.sliding_window`) and qwen2
+(biases on q/k/v: `cfg.attention_bias`). The pieces every family shares live here too:
+`constrain`, `attend_or_decode` (training/eval attention or the KV-cache path) and
+`layer_stack` (remat + scan of a family's layer); `modeling.gpt_neox` reuses them.
+
 Shapes: B batch, N tokens, E hidden, Hq query heads, Hkv kv heads, D head dim, F MLP width,
 V vocabulary, L layers. Parameter names mirror HF's (`q_proj`, `input_layernorm`, ...) so the
 checkpoint converters are one table. Every parameter and activation is named with logical
@@ -8,12 +14,15 @@ axes; `longlora_jax.sharding` maps them to the mesh.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention, kv_cache, rope
-from longlora_jax.modeling.config import LlamaConfig
+from longlora_jax.modeling.config import LLAMA_BLOCK, LlamaConfig
 from longlora_jax.modeling.lora import Dense
 
 _REMAT_POLICIES = {
@@ -26,6 +35,23 @@ _REMAT_POLICIES = {
 def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     """Sharding constraint by logical names (a no-op outside `sharding.activate`)."""
     return nn.with_logical_constraint(x, logical_axes)
+
+
+def attend_or_decode(q_bnhd, k_bnkd, v_bnkd, cfg: LlamaConfig, segment_ids_bn, *, train: bool,
+                     decode: bool) -> jax.Array:
+    """A layer's attention on RoPE'd q [B, N, Hq, D], k, v [B, N, Hkv, D] -> [B, N, Hq, D].
+
+    decode=False: `attention.attend` (S2 or full causal, as `train` and the config say).
+    decode=True: appends k, v to the layer's KV cache (a `cache` submodule of the calling
+    module) and attends over it (full causal, within the sliding window if any).
+    """
+    if not decode:
+        return attention.attend(q_bnhd, k_bnkd, v_bnkd, cfg, train=train,
+                                segment_ids=segment_ids_bn)
+    k_bskd, v_bskd, kv_segment_bs, start = kv_cache.KVCache(name="cache")(
+        k_bnkd, v_bnkd, segment_ids_bn)
+    return kv_cache.cached_attention(q_bnhd, k_bskd, v_bskd, kv_segment_bs, segment_ids_bn,
+                                     start, window=cfg.sliding_window)
 
 
 class RMSNorm(nn.Module):
@@ -51,8 +77,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """x [B, N, E] -> [B, N, E]: GQA self-attention; S2-Attn when training with it on.
 
-    `decode=True` appends k, v to the layer's KV cache and attends over it (full causal;
-    see `kv_cache`); segment_ids_bn are then required (0 marks left padding).
+    q/k/v carry biases when `cfg.attention_bias` (Qwen2). `decode=True` appends k, v to the
+    layer's KV cache and attends over it (full causal; see `kv_cache`); segment_ids_bn are
+    then required (0 marks left padding).
     """
 
     cfg: LlamaConfig
@@ -63,9 +90,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, n, _ = x_bne.shape
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = Dense(hq * d, ("embed", "heads"), cfg, name="q_proj")(x_bne, train=train)
-        k = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="k_proj")(x_bne, train=train)
-        v = Dense(hkv * d, ("embed", "kv_heads"), cfg, name="v_proj")(x_bne, train=train)
+        bias = cfg.attention_bias
+        q = Dense(hq * d, ("embed", "heads"), cfg, bias, name="q_proj")(x_bne, train=train)
+        k = Dense(hkv * d, ("embed", "kv_heads"), cfg, bias, name="k_proj")(x_bne, train=train)
+        v = Dense(hkv * d, ("embed", "kv_heads"), cfg, bias, name="v_proj")(x_bne, train=train)
         q_axes = ("act_batch", "act_length", "act_heads", "act_head_dim")
         kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
         q_bnhd = constrain(q.reshape(b, n, hq, d), *q_axes)
@@ -73,14 +101,8 @@ class Attention(nn.Module):
         v_bnkd = constrain(v.reshape(b, n, hkv, d), *kv_axes)
         q_bnhd = rope.apply_rotary(q_bnhd, cos_bnd, sin_bnd)
         k_bnkd = rope.apply_rotary(k_bnkd, cos_bnd, sin_bnd)
-        if decode:
-            k_bskd, v_bskd, kv_segment_bs, start = kv_cache.KVCache(name="cache")(
-                k_bnkd, v_bnkd, segment_ids_bn)
-            out_bnhd = kv_cache.cached_attention(
-                q_bnhd, k_bskd, v_bskd, kv_segment_bs, segment_ids_bn, start)
-        else:
-            out_bnhd = attention.attend(
-                q_bnhd, k_bnkd, v_bnkd, cfg, train=train, segment_ids=segment_ids_bn)
+        out_bnhd = attend_or_decode(q_bnhd, k_bnkd, v_bnkd, cfg, segment_ids_bn, train=train,
+                                    decode=decode)
         out_bnhd = constrain(out_bnhd, *q_axes)
         return Dense(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(
             out_bnhd.reshape(b, n, hq * d), train=train
@@ -121,9 +143,10 @@ class DecoderLayer(nn.Module):
         return x_bne
 
 
-def _layer_stack(cfg: LlamaConfig):
-    """The decoder layer class, wrapped in remat and (optionally) scan as the config asks."""
-    layer = DecoderLayer
+def layer_stack(cfg: LlamaConfig, layer: type[nn.Module]):
+    """A family's decoder `layer` class, wrapped in remat and (optionally) scan as the config
+    asks. The layer is called (x, cos, sin, segment_ids, train, decode) and, when scanned,
+    returns (x, None)."""
     if cfg.remat_policy != "none":
         # static_argnums counts `self` as 0: `train` and `decode` are arguments 5 and 6.
         layer = nn.remat(
@@ -144,8 +167,8 @@ def _layer_stack(cfg: LlamaConfig):
     return layer
 
 
-class LlamaForCausalLM(nn.Module):
-    """input_ids [B, N] int32 -> logits [B, N, V] (fp32).
+class CausalLM(nn.Module):
+    """input_ids [B, N] int32 -> logits [B, N, V] (fp32): the forward every family shares.
 
     `train=True` selects the training attention (`cfg.attention_train`, e.g. S2-Attn) and
     LoRA dropout; otherwise attention is full causal. `segment_ids` [B, N] (optional) keeps
@@ -156,13 +179,26 @@ class LlamaForCausalLM(nn.Module):
     `decode=True` runs on the KV cache (`modeling.kv_cache`): apply with the `cache`
     collection mutable; `position_ids` are then required and `segment_ids` default to ones
     (0 marks left padding). An `init` in decode mode creates a cache as long as its input.
+
+    A family is a subclass naming its decoder layer and final-norm classes and the HF names
+    of its token embedding, final norm and untied output projection (`part_names`), which
+    become the parameter names; `layers` holds the L layers (`layers_{i}`, or one scanned
+    `layers` stack).
     """
 
     cfg: LlamaConfig
+    model_types: ClassVar[tuple[str, ...]]
+    layer_cls: ClassVar[type[nn.Module]]
+    norm_cls: ClassVar[type[nn.Module]]
+    part_names: ClassVar[tuple[str, str, str]]  # (embedding, final norm, output projection)
 
     def setup(self):
         cfg = self.cfg
-        self.embed_tokens = nn.Embed(
+        if cfg.model_type not in self.model_types:
+            raise ConfigError(f"{type(self).__name__} builds {', '.join(self.model_types)}, "
+                              f"not {cfg.model_type}; use longlora_jax.build_model(cfg)")
+        embed_name, norm_name, head_name = self.part_names
+        setattr(self, embed_name, nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
             embedding_init=nn.with_logical_partitioning(
@@ -170,15 +206,24 @@ class LlamaForCausalLM(nn.Module):
             ),
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
-        )
-        stack = _layer_stack(cfg)
+        ))
+        stack = layer_stack(cfg, self.layer_cls)
         if cfg.scan_layers:
             self.layers = stack(cfg)
         else:
             self.layers = [stack(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg)
+        setattr(self, norm_name, self.norm_cls(cfg))
         if not cfg.tie_word_embeddings:
-            self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg)
+            setattr(self, head_name, Dense(cfg.vocab_size, ("embed", "vocab"), cfg))
+
+    def _embedding(self) -> nn.Embed:
+        return getattr(self, self.part_names[0])
+
+    def _final_norm(self) -> nn.Module:
+        return getattr(self, self.part_names[1])
+
+    def _output_projection(self) -> Dense:
+        return getattr(self, self.part_names[2])
 
     def __call__(
         self,
@@ -199,13 +244,13 @@ class LlamaForCausalLM(nn.Module):
         if decode and segment_ids is None:
             segment_ids = jnp.ones((b, n), jnp.int32)
         cos_bnd, sin_bnd = rope.rotary_tables(cfg, position_ids)
-        x_bne = constrain(self.embed_tokens(input_ids), "act_batch", "act_length", "act_embed")
+        x_bne = constrain(self._embedding()(input_ids), "act_batch", "act_length", "act_embed")
         if cfg.scan_layers:
             x_bne, _ = self.layers(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
         else:
             for layer in self.layers:
                 x_bne = layer(x_bne, cos_bnd, sin_bnd, segment_ids, train, decode)
-        h_bne = self.norm(x_bne)
+        h_bne = self._final_norm()(x_bne)
         if return_hidden:
             return h_bne
         return self.project(h_bne)
@@ -214,13 +259,22 @@ class LlamaForCausalLM(nn.Module):
         """The LM head as a [E, V] matrix (the token embedding, transposed, when tied): what
         `project` multiplies by, for losses that handle the head themselves."""
         if self.cfg.tie_word_embeddings:
-            return self.embed_tokens.embedding.T
-        return self.lm_head.variables["params"]["kernel"]
+            return self._embedding().embedding.T
+        return self.variables["params"][self.part_names[2]]["kernel"]
 
     def project(self, h_bne: jax.Array) -> jax.Array:
         """Final hidden states [..., E] -> fp32 logits [..., V] (tied or untied head)."""
         if self.cfg.tie_word_embeddings:
-            logits = self.embed_tokens.attend(h_bne)
+            logits = self._embedding().attend(h_bne)
         else:
-            logits = self.lm_head(h_bne)
+            logits = self._output_projection()(h_bne)
         return logits.astype(jnp.float32)
+
+
+class LlamaForCausalLM(CausalLM):
+    """The LLaMA-block families (llama, mistral, qwen2); see `CausalLM` for the call."""
+
+    model_types: ClassVar[tuple[str, ...]] = LLAMA_BLOCK
+    layer_cls: ClassVar[type[nn.Module]] = DecoderLayer
+    norm_cls: ClassVar[type[nn.Module]] = RMSNorm
+    part_names: ClassVar[tuple[str, str, str]] = ("embed_tokens", "norm", "lm_head")

@@ -1,6 +1,6 @@
 """LoRA: projection layers with low-rank adapters kept in their own `lora` collection.
 
-A `Dense` here is `y = x @ W` plus, when its name is a LoRA target and LoRA is on,
+A `Dense` here is `y = x @ W (+ b)` plus, when its name is a LoRA target and LoRA is on,
 `dropout(x) @ A @ B * (alpha / r)` with A [in, r] (Kaiming-uniform, as PEFT) and B [r, out]
 (zeros, so an untrained adapter is the identity). The factors live in the `lora` variable
 collection, so a model's variables are `{"params": base, "lora": adapters}`:
@@ -40,11 +40,18 @@ def _kaiming_uniform_in(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float3
 
 
 class Dense(nn.Module):
-    """x [..., in] -> [..., out] with kernel [in, out] named `axes`, plus optional LoRA."""
+    """x [..., in] -> [..., out] with kernel [in, out] named `axes`, plus optional LoRA.
+
+    `use_bias` adds a bias [out] (named like the kernel's out axis), as Qwen2's q/k/v and
+    GPT-NeoX's projections have; LoRA adapts the biased projection exactly as PEFT does
+    (x @ W + b + dropout(x) @ A @ B * s), and the bias itself is frozen unless everything
+    trains (see `trainable_labels`).
+    """
 
     features: int
     axes: tuple[str, str]
     cfg: LlamaConfig
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -59,6 +66,11 @@ class Dense(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   (self.axes[1],)),
+                              (self.features,), jnp.dtype(cfg.param_dtype))
+            y = y + bias.astype(dtype)
         if cfg.lora_rank and self.name in cfg.lora_targets and (
             self.is_initializing() or self.has_variable(LORA_COLLECTION, "a")
         ):
@@ -121,24 +133,30 @@ _lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 TRAIN_MODES = ("lora", "lora_plus", "full")
-_NORM_SUFFIX = "norm"  # RMSNorm modules: input_layernorm, post_attention_layernorm, norm
+# Norm modules (RMSNorm or LayerNorm): input_layernorm, post_attention_layernorm, norm,
+# final_layer_norm. Token embeddings: LLaMA's embed_tokens, GPT-NeoX's embed_in; untied output
+# projections: lm_head, GPT-NeoX's embed_out.
+_NORM_SUFFIX = "norm"
+_EMBEDDINGS = ("embed_tokens", "embed_in")
+_LM_HEADS = ("lm_head", "embed_out")
 
 
 def param_kind(path: tuple[str, ...]) -> str:
     """What a variable is, from its flattened path `(collection, module, ..., leaf)`.
 
     One of "lora" (an adapter factor), "embedding" (token embeddings, also the LM head when
-    tied), "norm" (an RMSNorm weight), "lm_head" (untied output projection) or "kernel".
+    tied), "norm" (a norm's weight, and a LayerNorm's bias), "lm_head" (untied output
+    projection), "bias" (a projection's bias: Qwen2's q/k/v, GPT-NeoX's) or "kernel".
     """
     if path[0] == LORA_COLLECTION:
         return "lora"
-    if "embed_tokens" in path:
+    if any(name in path for name in _EMBEDDINGS):
         return "embedding"
-    if "lm_head" in path:
+    if any(name in path for name in _LM_HEADS):
         return "lm_head"
     if len(path) >= 2 and path[-2].endswith(_NORM_SUFFIX):
         return "norm"
-    return "kernel"
+    return "bias" if path[-1] == "bias" else "kernel"
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -152,9 +170,17 @@ def trainable_labels(variables: Mapping[str, Any], mode: str) -> dict[str, Any]:
     (boxed `nn.LogicallyPartitioned` leaves count as leaves), usable as optax labels.
 
     - "lora": only the `lora` collection (LoRA factors) trains.
-    - "lora_plus": LoRA factors, the token embeddings and every RMSNorm weight train (the
-      LongLoRA recipe: trainable embeddings and norms are what close the gap to full
-      fine-tuning at long context); an untied LM head stays frozen. Tied embeddings (e.g.
+    - "lora_plus": LoRA factors, the token embeddings and every norm (RMSNorm weight;
+      LayerNorm weight and bias) train (the LongLoRA recipe: trainable embeddings and norms
+      are what close the gap to full fine-tuning at long context); an untied LM head stays
+      frozen, and so do projection biases (Qwen2's q/k/v, GPT-NeoX's): neither is an
+      embedding or a norm, PEFT's default `bias="none"` (the official fine-tune.py's
+      setting) keeps them frozen, and the official `trainable_params="embed,norm"` name
+      match does not reach them. (That match does reach GPT-NeoX's output matrix, whose HF
+      name `embed_out` contains "embed"; here it stays frozen like every family's LM head:
+      the paper trains the input embedding, and transformers 5 renames that matrix
+      `lm_head`, so a PEFT adapter carrying it would load in one transformers only.) Tied
+      embeddings (e.g.
       SmolLM2): the one matrix is both the input embedding and the LM head, so it trains and
       the output projection changes with it. It is not untied: that would change the
       architecture and the exported checkpoint; both exports keep it one matrix (the PEFT

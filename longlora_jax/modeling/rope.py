@@ -3,6 +3,10 @@
 Frequencies follow `transformers.modeling_rope_utils` exactly (same formulas, fp32), so a
 checkpoint's logits match transformers'. Linear scaling is LongLoRA's position interpolation:
 positions are divided by `factor`, which is the same as dividing every frequency by it.
+
+Partial rotary (GPT-NeoX's `rotary_pct`): the frequencies are those of a head of R =
+`cfg.rotary_dim` dims, the tables are [B, N, R], and only the first R dims of each head rotate
+(as HF, every scaling's frequencies are computed over R dims).
 """
 
 from __future__ import annotations
@@ -76,12 +80,12 @@ def _llama3(cfg: LlamaConfig, dim: int) -> jnp.ndarray:
 
 
 def inv_frequencies(cfg: LlamaConfig, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, float]:
-    """Inverse frequencies [D/2] (fp32) and the cos/sin scale for this config.
+    """Inverse frequencies [R/2] (fp32; R = rotary dims) and the cos/sin scale for this config.
 
     `position_ids` matters only for dynamic NTK scaling, whose base grows with the longest
     position in the call (HF: seq_len = max(position_ids) + 1, never below the trained window).
     """
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     rope_type = cfg.rope_scaling.rope_type
     if rope_type == "default":
         return _base_inv_freq(cfg.rope_theta, dim), 1.0
@@ -101,7 +105,7 @@ def inv_frequencies(cfg: LlamaConfig, position_ids: jnp.ndarray) -> tuple[jnp.nd
 
 
 def rotary_tables(cfg: LlamaConfig, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin tables [B, N, D] (fp32) for integer positions [B, N]."""
+    """cos, sin tables [B, N, R] (fp32) for integer positions [B, N] (R = rotary dims)."""
     inv_freq, scale = inv_frequencies(cfg, position_ids)
     angles_bnk = position_ids.astype(jnp.float32)[..., None] * inv_freq
     angles_bnd = jnp.concatenate([angles_bnk, angles_bnk], axis=-1)
@@ -109,12 +113,16 @@ def rotary_tables(cfg: LlamaConfig, position_ids: jnp.ndarray) -> tuple[jnp.ndar
 
 
 def apply_rotary(x_bnhd: jnp.ndarray, cos_bnd: jnp.ndarray, sin_bnd: jnp.ndarray) -> jnp.ndarray:
-    """Rotates x [B, N, H, D] by the tables [B, N, D] (HF's rotate-half convention).
+    """Rotates x [B, N, H, D] by the tables [B, N, R] (HF's rotate-half convention).
 
+    R <= D: the first R dims of each head rotate, the rest pass through (partial rotary).
     Computed in fp32 and cast back to x's dtype.
     """
-    x = x_bnhd.astype(jnp.float32)
-    half = x.shape[-1] // 2
+    rot = cos_bnd.shape[-1]
+    x = x_bnhd[..., :rot].astype(jnp.float32)
+    half = rot // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos_bnd[:, :, None, :] + rotated * sin_bnd[:, :, None, :]
-    return out.astype(x_bnhd.dtype)
+    out = (x * cos_bnd[:, :, None, :] + rotated * sin_bnd[:, :, None, :]).astype(x_bnhd.dtype)
+    if rot == x_bnhd.shape[-1]:
+        return out
+    return jnp.concatenate([out, x_bnhd[..., rot:]], axis=-1)

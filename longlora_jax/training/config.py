@@ -24,7 +24,7 @@ from longlora_jax.modeling.config import (
     RopeScaling,
     linear_pi_factor,
 )
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel.mesh import BATCH_AXES, DATA, MESH_AXES
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, TrainSetup, build_train_setup
@@ -62,7 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     attention.impl      "auto" | "xla" | "splash" | "cudnn".
     attention.mask_documents  keep packed documents from attending to each other.
     lora.mode           "lora" | "lora_plus" (LongLoRA: + embeddings and norms) | "full".
-    lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full").
+    lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full");
+                        targets are the family's HF module names (GPT-NeoX:
+                        "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h").
     optim.*             see `longlora_jax.optim.default_optim_config`; total_steps 0 = max_steps.
     batch.global_batch  sequences per optimizer step (over all devices and processes).
     batch.micro_batch   sequences per forward pass; global/micro = gradient accumulation.
@@ -252,7 +254,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainSet
     cfg, spec = model_config(config)
     global_batch, accum = batch_sizes(config, mesh)
     setup = build_train_setup(
-        LlamaForCausalLM(cfg), mesh, mode=config.lora.mode, optim_cfg=optim_config(config),
+        build_model(cfg), mesh, mode=config.lora.mode, optim_cfg=optim_config(config),
         options=StepOptions(accum_steps=accum, loss_chunk=config.loss_chunk,
                             mask_documents=config.attention.mask_documents),
         frozen_dtype=config.model.frozen_dtype,

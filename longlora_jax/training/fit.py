@@ -73,17 +73,17 @@ def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
 
     Matmuls: forward 2·M·T, activation gradients 2·M·T (every weight, frozen ones too),
     weight gradients 2·M_trainable·T, and with remat "full" the layers' forward once more.
-    M counts the decoder layers' and the LM head's weights (+ LoRA factors). Attention per
-    layer and query: 4·Hq·D·k FLOPs forward (scores and values) over the k keys it sees
-    (k ≈ G/2 in causal groups of G; G = N for full attention), 2.5x that backward (flash
-    style: scores recomputed), and once more under remat "full". attention_copies: how many
-    devices each compute the same attention (full attention over a gathered sequence split
-    S ways: S), so the result is the FLOPs executed rather than the useful ones.
+    M counts the decoder layers' projections (the family's: `cfg.projections()`) and the LM
+    head's weights (+ LoRA factors); biases and norms are elementwise, not counted. Attention
+    per layer and query: 4·Hq·D·k FLOPs forward (scores and values) over the k keys it sees
+    (k ≈ G/2 in causal groups of G, G = N for full attention; fewer under a sliding window),
+    2.5x that backward (flash style: scores recomputed), and once more under remat "full".
+    attention_copies: how many devices each compute the same attention (full attention over a
+    gathered sequence split S ways: S), so the result is the FLOPs executed rather than the
+    useful ones.
     """
-    e, f, d, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
-    hq, hkv, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
-    dims = {"q_proj": (e, hq * d), "k_proj": (e, hkv * d), "v_proj": (e, hkv * d),
-            "o_proj": (hq * d, e), "gate_proj": (e, f), "up_proj": (e, f), "down_proj": (f, e)}
+    v, e, layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+    dims = cfg.projections()
     layer_w = sum(a * b for a, b in dims.values())
     lora_w = sum(cfg.lora_rank * (a + b) for name, (a, b) in dims.items()
                  if name in cfg.lora_targets) if cfg.lora_rank else 0
@@ -97,13 +97,23 @@ def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
 
 def attention_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int) -> float:
     """The training attention's FLOPs in one step (see `model_flops`): per layer and query
-    4·Hq·D·k forward over the k ≈ G/2 keys it sees, x (1 + 2.5 backward + 1 under remat
-    "full"); G = N for full attention."""
+    4·Hq·D·k forward over the k keys it sees (`keys_per_query`: ~G/2 in causal groups of G,
+    G = N for full attention, fewer under a sliding window), x (1 + 2.5 backward + 1 under
+    remat "full")."""
     sparse = cfg.attention_train in ("s2", "short")
     group = cfg.s2_group(seq_len) if sparse else seq_len
-    forward = 4 * cfg.num_attention_heads * cfg.head_dim * tokens * (group + 1) / 2
+    forward = (4 * cfg.num_attention_heads * cfg.head_dim * tokens
+               * keys_per_query(group, cfg.sliding_window))
     return float(forward * cfg.num_hidden_layers
                  * (1 + 2.5 + (1 if cfg.remat_policy == "full" else 0)))
+
+
+def keys_per_query(group: int, window: int | None = None) -> float:
+    """Mean keys a query sees in causal groups of G: (G + 1) / 2; with a sliding window W < G
+    the first W positions see 1..W keys and the other G - W see W."""
+    if window is None or window >= group:
+        return (group + 1) / 2
+    return (window * (window + 1) / 2 + (group - window) * window) / group
 
 
 # ----------------------------------------------------------------------------- compile
@@ -113,12 +123,14 @@ def attention_kernels(hlo_text: str) -> dict[str, int]:
     """What computes attention in an optimised HLO module.
 
     splash: TPU splash-attention custom calls (forward and backward kernels);
-    xla_softmax: exponentials inside the attention layers (`self_attn`): the XLA reference
-    kernels' softmax, which a step on the splash path must not contain.
+    xla_softmax: exponentials inside the attention layers (`self_attn`; GPT-NeoX's
+    `attention`): the XLA reference kernels' softmax, which a step on the splash path must not
+    contain.
     """
     splash = len(re.findall(r"%splash_mha\S* = .*custom_call_target=\"tpu_custom_call\"",
                             hlo_text))
-    softmax = len(re.findall(r" exponential\(.*op_name=\"[^\"]*/self_attn/", hlo_text))
+    softmax = len(re.findall(r" exponential\(.*op_name=\"[^\"]*/(?:self_attn|attention)/",
+                             hlo_text))
     return {"splash": splash, "xla_softmax": softmax}
 
 

@@ -3,8 +3,9 @@
 `make_optimizer(optim_cfg, trainable)` is built on the `trainable` half of
 `lora.split_trainable`, so frozen weights never get optimizer state. Within the trainable
 subtree an `optax.partition` gives "decay" leaves (kernels, LoRA factors, an untied LM head)
-AdamW with weight decay and "no_decay" leaves (RMSNorm weights, token embeddings) the same
-AdamW without it. Global-norm clipping runs first, over all trainable gradients.
+AdamW with weight decay and "no_decay" leaves (norm weights and biases, token embeddings,
+projection biases: HF Trainer's rule) the same AdamW without it. Global-norm clipping runs
+first, over all trainable gradients.
 
 Defaults follow the official LongLoRA runs (HF Trainer: `adamw_torch`, lr 2e-5, weight decay
 0, 20 warmup steps, `constant_with_warmup`, max_grad_norm 1.0, betas (0.9, 0.999), eps 1e-8,
@@ -25,7 +26,7 @@ from longlora_jax.errors import ConfigError
 from longlora_jax.modeling.lora import param_kind
 
 SCHEDULES = ("constant_with_warmup", "cosine", "linear")
-_NO_DECAY_KINDS = ("norm", "embedding")
+_NO_DECAY_KINDS = ("norm", "embedding", "bias")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:

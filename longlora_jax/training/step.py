@@ -25,7 +25,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from longlora_jax.io.base import abstract_variables
-from longlora_jax.modeling.llama import LlamaForCausalLM
+from longlora_jax.modeling.llama import CausalLM
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
 from longlora_jax.modeling.loss import chunked_cross_entropy, fused_cross_entropy
 from longlora_jax.parallel import rules
@@ -68,7 +68,7 @@ class StepOptions:
 
 
 def loss_and_count(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     variables: Mapping[str, Any],
     batch: Batch,
     *,
@@ -93,12 +93,12 @@ def loss_and_count(
     )
 
     if train and options.fused_loss:
-        w_ev = model.apply(variables, method=LlamaForCausalLM.output_weight)
+        w_ev = model.apply(variables, method=CausalLM.output_weight)
         return fused_cross_entropy(h_bne, w_ev, batch["targets"], batch["loss_mask"],
                                    chunk=options.loss_chunk, dtype=model.cfg.dtype)
 
     def project(h):
-        return model.apply(variables, h, method=LlamaForCausalLM.project)
+        return model.apply(variables, h, method=CausalLM.project)
 
     return chunked_cross_entropy(
         project, h_bne, batch["targets"], batch["loss_mask"], chunk=options.loss_chunk
@@ -123,7 +123,7 @@ def train_step(
     frozen: Any,
     batch: Batch,
     *,
-    model: LlamaForCausalLM,
+    model: CausalLM,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     options: StepOptions,
@@ -168,7 +168,7 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(variables: Any, batch: Batch, *, model: LlamaForCausalLM,
+def eval_step(variables: Any, batch: Batch, *, model: CausalLM,
               options: StepOptions) -> tuple[jax.Array, jax.Array]:
     """(summed NLL, token count) with full attention (`train=False`) on [G, N] arrays."""
     return loss_and_count(model, variables, batch, options=options, train=False)
@@ -186,7 +186,7 @@ class TrainSetup:
     runs (and lowers) under its own mesh.
     """
 
-    model: LlamaForCausalLM
+    model: CausalLM
     mesh: Mesh
     labels: Any
     optimizer: optax.GradientTransformation
@@ -227,7 +227,7 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def build_train_setup(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     mesh: Mesh,
     *,
     mode: str,
