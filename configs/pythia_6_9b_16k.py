@@ -2,7 +2,7 @@
 
     python -m longlora_jax.train --config configs/pythia_6_9b_16k.py[:gpu] --workdir W \
         --config.model.base=hf:pythia-6.9b
-    python -m longlora_jax.aot --config configs/pythia_6_9b_16k.py --topology v4-8
+    python -m longlora_jax.aot --config configs/pythia_6_9b_16k.py          # its slice: v4-8
 
 Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"fsdp": 4},
 micro-batch 4; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8}, micro-batch 8.
@@ -20,7 +20,7 @@ from longlora_jax.training.recipes import Layout, longlora
 def get_config(variant: str = "tpu"):
     c = longlora(
         "pythia-6.9b", 16_384, variant, tokenizer="auto",
-        tpu=Layout({"fsdp": 4}, micro_batch=4),
+        tpu=Layout({"fsdp": 4}, micro_batch=4, topology="v4-8"),
         gpu=Layout({"fsdp": 8}, micro_batch=8),
     )
     c.lora.targets = ("query_key_value", "dense")

@@ -2,7 +2,7 @@
 
     python -m longlora_jax.train --config configs/qwen25_7b_32k.py[:gpu] --workdir W \
         --config.model.base=hf:Qwen2.5-7B
-    python -m longlora_jax.aot --config configs/qwen25_7b_32k.py --topology v4-8
+    python -m longlora_jax.aot --config configs/qwen25_7b_32k.py          # its slice: v4-8
 
 Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"sequence": 4},
 micro-batch 1; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8}, micro-batch 8.
@@ -20,6 +20,6 @@ from longlora_jax.training.recipes import Layout, longlora
 def get_config(variant: str = "tpu"):
     return longlora(
         "qwen2.5-7b", 32_768, variant, tokenizer="auto",
-        tpu=Layout({"sequence": 4}, micro_batch=1),
+        tpu=Layout({"sequence": 4}, micro_batch=1, topology="v4-8"),
         gpu=Layout({"fsdp": 8}, micro_batch=8),
     )
