@@ -24,6 +24,7 @@ from longlora_jax import evaluate as evaluate_command
 from longlora_jax import export as export_command
 from longlora_jax.cli import run_command
 from longlora_jax.errors import ConfigError
+from longlora_jax.inference.decode import generate
 from longlora_jax.io import export
 from longlora_jax.io.base import abstract_variables
 from longlora_jax.io.gguf import load_gguf
@@ -150,6 +151,27 @@ def test_quantized_model_is_the_float_model_on_dequantized_kernels(scheme, tied)
                  q_grads, d_grads)
     f_logits = LlamaForCausalLM(fcfg).apply({"params": float_params, "lora": lora}, ids)
     assert np.abs(q_logits - f_logits).max() > 0  # the kernels did change
+
+
+def test_generate_on_a_quantized_base_is_decoding_the_dequantized_model():
+    """Greedy KV-cache decoding (prefill in chunks) of a base loaded int4 by `load_model`
+    (what `generate --config.quantize=int4` runs; a random-init base, quantized on its
+    device) = decoding the float model on the dequantized kernels, whose kernels are the
+    float base's within half a step."""
+    loaded = load_model("preset:tiny", quantize="int4")
+    assert loaded.cfg.quantize == "int4"
+    params = loaded.variables["params"]
+    prompt = tokens(2, 12)
+    kwargs = {"temperature": 0.0, "prefill_chunk": 8}
+    ours = generate(loaded.cfg, params, prompt, 10, **kwargs)
+    dequantized = quant.dequantize_tree(params, "int4")
+    want = generate(loaded.cfg.replace(quantize="none"), dequantized, prompt, 10, **kwargs)
+    np.testing.assert_array_equal(ours, want)
+    up = params["layers"]["mlp"]["up_proj"]
+    error = np.abs(np.asarray(dequantized["layers"]["mlp"]["up_proj"]["kernel"]) - np.asarray(
+        load_model("preset:tiny").variables["params"]["layers"]["mlp"]["up_proj"]["kernel"]))
+    step = _step(up["scale"], "int4", error.shape)
+    assert 0 < error.max() and np.all(error <= step / 2 * (1 + 1e-5))
 
 
 # ------------------------------------------------------------------------------ loading
