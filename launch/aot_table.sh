@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 RUNS=(
   llama2_7b_32k:v4-8 llama2_7b_100k:v4-8 llama2_70b_32k:v4-16 llama2_7b_8k:v4-8
   llama2_7b_16k:v4-8 llama2_13b_65k:v4-8 llama3_8b_64k:v4-8 longalpaca_sft_16k:v4-8
-  mistral_7b_32k:v4-8 qwen25_7b_32k:v4-8 pythia_6_9b_16k:v4-8
+  mistral_7b_32k:v4-8 qwen25_7b_32k:v4-8 pythia_6_9b_16k:v4-8 llama2_70b_32k_qlora:v4-8
 )
 for run in "${RUNS[@]}"; do
   name="${run%%:*}" topology="${run##*:}"

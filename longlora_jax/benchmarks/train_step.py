@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from longlora_jax.benchmarks.common import Variant, report, time_round_robin, timing_config
-from longlora_jax.io.base import init_variables
+from longlora_jax.io.base import BaseSpec, init_variables, load_base_params
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.parallel.mesh import single_device_mesh
@@ -28,13 +28,17 @@ from longlora_jax.training.step import StepOptions, build_train_setup, init_stat
 
 def default_config() -> ml_collections.ConfigDict:
     """lengths, layers (SmolLM2-shaped), remat (ours; "none" is the demo's, the peer always
-    checkpoints), group_ratio (G / N), loss_chunk, and the timing settings (`common`)."""
+    checkpoints), group_ratio (G / N), loss_chunk, frozen_dtype (of our frozen base),
+    quantize (schemes of `model.quantize` whose steps are timed beside the plain one), and the
+    timing settings (`common`)."""
     c = timing_config(max_seconds=120.0)
     c.lengths = (2048, 8192)
     c.layers = 4
     c.remat = "none"
     c.group_ratio = 0.25
     c.loss_chunk = 1024
+    c.frozen_dtype = "float32"
+    c.quantize = ()  # e.g. int8,int4: our step on a quantized base too, beside the plain one
     return c
 
 
@@ -63,15 +67,20 @@ def matmul_rate() -> float:
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
     return best
 
-def our_step(n: int, config) -> Variant:
-    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape."""
+def our_step(n: int, config, quantize: str = "none") -> Variant:
+    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape,
+    its frozen base stored as `config.frozen_dtype` or quantized."""
     cfg = smollm2_shape(n, config.layers, config.remat, config.group_ratio)
     setup = build_train_setup(
-        LlamaForCausalLM(cfg), single_device_mesh(), mode="lora_plus",
-        optim_cfg=default_optim_config(), options=StepOptions(loss_chunk=config.loss_chunk),
-        frozen_dtype="float32",
+        LlamaForCausalLM(cfg.replace(quantize=quantize)), single_device_mesh(),
+        mode="lora_plus", optim_cfg=default_optim_config(),
+        options=StepOptions(loss_chunk=config.loss_chunk), frozen_dtype=config.frozen_dtype,
     )
-    variables = init_variables(setup.model, setup.variable_shardings, jax.random.key(0))
+    variables = init_variables(LlamaForCausalLM(cfg), setup.variable_shardings,
+                               jax.random.key(0), only=("lora",))
+    variables["params"] = load_base_params(BaseSpec("preset", "smollm2-135m"),
+                                           setup.model.cfg, seed=0, dtype=config.frozen_dtype,
+                                           shardings=setup.variable_shardings["params"])
     state, frozen = init_state(setup, variables, jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n + 1), dtype=np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -83,7 +92,7 @@ def our_step(n: int, config) -> Variant:
         holder["state"], metrics = setup.step_fn(holder["state"], frozen, batch)
         jax.block_until_ready(metrics)
 
-    return Variant("longlora_jax", run)
+    return Variant("longlora_jax" if quantize == "none" else f"longlora_jax[{quantize}]", run)
 
 
 def peer_step(n: int, config) -> Variant:
@@ -127,7 +136,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     rows = []
     roof = matmul_rate()
     for n in config.lengths:
-        variants = [our_step(n, config)]
+        variants = [our_step(n, config), *(our_step(n, config, q) for q in config.quantize)]
         if config.torch:
             variants.append(peer_step(n, config))
         time_round_robin(variants, config)
@@ -135,8 +144,10 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         for v in variants:
             row[f"{v.name} s/step"] = min(v.seconds)
             row[f"{v.name} tokens/s"] = n / min(v.seconds)
-        if len(variants) == 2:
-            row["speedup"] = min(variants[1].seconds) / min(variants[0].seconds)
+        if config.torch:
+            row["speedup"] = min(variants[-1].seconds) / min(variants[0].seconds)
+        for q, v in zip(config.quantize, variants[1:], strict=False):
+            row[f"{q}/plain"] = min(v.seconds) / min(variants[0].seconds)
         flops = model_flops(smollm2_shape(n, config.layers, config.remat, config.group_ratio),
                             tokens=n, seq_len=n, mode="lora_plus")
         row["model GFLOP/step"] = flops / 1e9
@@ -148,7 +159,9 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
             "mode": "lora_plus r=8", "attention": f"S2 G=N*{config.group_ratio} vs HF SDPA full",
             "timing": "min wall seconds of a full optimizer step, variants interleaved"}
-    report(rows, _TRAIN_COLUMNS, config.json, meta)
+    quantized = [c for q in config.quantize for c in (f"longlora_jax[{q}] s/step", f"{q}/plain")]
+    meta["frozen_dtype"] = config.frozen_dtype
+    report(rows, _TRAIN_COLUMNS[:4] + tuple(quantized) + _TRAIN_COLUMNS[4:], config.json, meta)
     return rows
 
 

@@ -12,6 +12,7 @@ unless `allow_beyond_context`, which is how an unextended model's degradation is
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from longlora_jax.evaluation.perplexity import (
 )
 from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
 from longlora_jax.io.base import shard_variables
-from longlora_jax.io.run import load_model
+from longlora_jax.io.run import QUANTIZE, LoadedModel, load_model
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling, parse_rope, rope_name
 from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel.mesh import DATA, MESH_AXES, SEQUENCE, make_mesh
@@ -58,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     data.*            the documents (see `data.config.default_data_config`; held-out split)
     max_docs          first N documents (0 = all)
     dtype             weights and compute dtype
+    quantize          how each model's base projections are stored, each evaluated in turn
+                      (a tuple): auto (a workdir's own, none for a base) | none | int8 |
+                      int4 (see `modeling.quant`); a name gets "(int8)" etc.
     mesh.*            device mesh (sequence > 1: sequence-sharded evaluation)
     prefill_chunk     tokens per KV-cache chunk for long windows (0 = one forward)
     loss_chunk        tokens per chunk of the cross-entropy
@@ -83,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tfds_split = "test"
     c.max_docs = 0
     c.dtype = "float32"
+    c.quantize = ("auto",)
     c.mesh = ml_collections.ConfigDict({**dict.fromkeys(MESH_AXES, 1), DATA: -1})
     c.prefill_chunk = 2048
     c.loss_chunk = 1024
@@ -126,52 +131,67 @@ def evaluate_models(config: ml_collections.ConfigDict,
     lengths = _check(config)
     ropes = [parse_rope(text) for text in config.rope]
     mesh = make_mesh(dict(config.mesh))
+    if not config.quantize:
+        raise ConfigError(f"quantize is empty; valid: a tuple of {', '.join(QUANTIZE)}")
     results = []
     for source in config.models:
-        base = load_model(source, dtype=config.dtype, seed=config.seed)
-        variants: list[tuple[LlamaConfig, str, str]] = []
-        seen: list[RopeScaling] = []
-        for rope in ropes:
-            cfg = base.cfg.with_rope(rope).replace(
-                s2_group_size=None, s2_group_size_ratio=config.group_size_ratio,
-                s2_group_rule="fixed")
-            if cfg.rope_scaling in seen:
-                continue  # e.g. linear:4 on a run trained with PI x4: the same model as base
-            seen.append(cfg.rope_scaling)
-            label = rope_name(cfg.rope_scaling)
-            name = base.name if rope is None else f"{base.name} (rope {label})"
-            check_lengths(cfg, lengths, name, allow=config.allow_beyond_context)
-            for attention in config.attention:
-                variants.append((cfg, name if attention == "full" else f"{name} [{attention}]",
-                                 attention))
-        all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
-            if config.perplexity else []
-        for cfg, name, attention in variants:
-            result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
-                                 [(d.name, len(d.tokens)) for d in all_docs], attention)
-            variables = shard_variables(cfg, base.variables, mesh)
-            eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=config.loss_chunk,
-                                   prefill_chunk=config.prefill_chunk, attention=attention)
-            for n in lengths:
-                if config.perplexity:
-                    docs = documents_for(all_docs, n, config.protocol, config.stride)
-                    start = time.perf_counter()
-                    ppl = perplexity(eval_fn, variables, docs, seq_len=n,
-                                     protocol=config.protocol, stride=config.stride,
-                                     batch_size=config.batch, max_windows=config.max_windows)
-                    ppl["seconds"] = time.perf_counter() - start
-                    result.perplexity[n] = ppl
-                    log(f"{name} | {n} tokens | ppl {ppl['ppl']:.3f} over {ppl['windows']} "
-                        f"windows ({ppl['seconds']:.0f}s)")
-                if config.passkey and attention == "full":  # decoding is full attention
-                    prefill = 0 if mesh.shape[SEQUENCE] > 1 else config.prefill_chunk
-                    pk = passkey_accuracy(cfg, variables, base.tokenizer, n,
-                                          trials=config.passkey, seed=config.seed,
-                                          batch=config.batch, add_bos=config.passkey_bos,
-                                          prefill_chunk=prefill)
-                    result.passkey[n] = pk
-                    log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")
-            results.append(result)
+        for quantize in config.quantize:
+            base = load_model(source, dtype=config.dtype, seed=config.seed, quantize=quantize)
+            if quantize != "auto":
+                base = dataclasses.replace(base, name=f"{base.name} ({quantize})")
+            results += _evaluate_model(config, source, base, ropes, lengths, mesh, log)
+    return results
+
+
+def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: LoadedModel,
+                    ropes: list[RopeScaling | None], lengths: list[int], mesh,
+                    log: Callable[[str], None]) -> list[ModelResult]:
+    """One loaded model (from `source`) with each RoPE variant and attention over the
+    lengths."""
+    results = []
+    variants: list[tuple[LlamaConfig, str, str]] = []
+    seen: list[RopeScaling] = []
+    for rope in ropes:
+        cfg = base.cfg.with_rope(rope).replace(
+            s2_group_size=None, s2_group_size_ratio=config.group_size_ratio,
+            s2_group_rule="fixed")
+        if cfg.rope_scaling in seen:
+            continue  # e.g. linear:4 on a run trained with PI x4: the same model as base
+        seen.append(cfg.rope_scaling)
+        label = rope_name(cfg.rope_scaling)
+        name = base.name if rope is None else f"{base.name} (rope {label})"
+        check_lengths(cfg, lengths, name, allow=config.allow_beyond_context)
+        for attention in config.attention:
+            variants.append((cfg, name if attention == "full" else f"{name} [{attention}]",
+                             attention))
+    all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
+        if config.perplexity else []
+    for cfg, name, attention in variants:
+        result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
+                             [(d.name, len(d.tokens)) for d in all_docs], attention)
+        variables = shard_variables(cfg, base.variables, mesh)
+        eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=config.loss_chunk,
+                               prefill_chunk=config.prefill_chunk, attention=attention)
+        for n in lengths:
+            if config.perplexity:
+                docs = documents_for(all_docs, n, config.protocol, config.stride)
+                start = time.perf_counter()
+                ppl = perplexity(eval_fn, variables, docs, seq_len=n,
+                                 protocol=config.protocol, stride=config.stride,
+                                 batch_size=config.batch, max_windows=config.max_windows)
+                ppl["seconds"] = time.perf_counter() - start
+                result.perplexity[n] = ppl
+                log(f"{name} | {n} tokens | ppl {ppl['ppl']:.3f} over {ppl['windows']} "
+                    f"windows ({ppl['seconds']:.0f}s)")
+            if config.passkey and attention == "full":  # decoding is full attention
+                prefill = 0 if mesh.shape[SEQUENCE] > 1 else config.prefill_chunk
+                pk = passkey_accuracy(cfg, variables, base.tokenizer, n,
+                                      trials=config.passkey, seed=config.seed,
+                                      batch=config.batch, add_bos=config.passkey_bos,
+                                      prefill_chunk=prefill)
+                result.passkey[n] = pk
+                log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")
+        results.append(result)
     return results
 
 

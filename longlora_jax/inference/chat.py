@@ -33,11 +33,13 @@ def default_config() -> ml_collections.ConfigDict:
     rope             RoPE scaling to run with: base | default | linear:F | dynamic:F | yarn:F
     allow_beyond_context   allow prompt + new tokens beyond the model's context window
     dtype            weights and compute dtype
+    quantize         the base's projections: auto (a workdir's own, none for a base) | none |
+                     int8 | int4 (see `modeling.quant`)
     """
     return ml_collections.ConfigDict(dict(
         model="smollm2", prompt="", material="", question="", template="auto",
         max_new_tokens=256, temperature=0.6, top_p=0.9, seed=0, rope="base",
-        allow_beyond_context=False, dtype="float32",
+        allow_beyond_context=False, dtype="float32", quantize="auto",
     ))
 
 
@@ -73,7 +75,8 @@ def answer(config: ml_collections.ConfigDict) -> str:
         if not path.is_file():
             raise ConfigError(f"material {config.material!r} is not a file")
         material = path.read_text(encoding="utf-8")
-    loaded = load_model(config.model, rope=parse_rope(config.rope), dtype=config.dtype)
+    loaded = load_model(config.model, rope=parse_rope(config.rope), dtype=config.dtype,
+                        quantize=config.quantize)
     text = build_prompt(loaded.tokenizer, prompt=config.prompt or None, material=material,
                         question=config.question or None, template=config.template)
     ids = encoder(loaded.tokenizer)(text)

@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh
 from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -35,6 +36,7 @@ from longlora_jax.data.tokenizer import ByteTokenizer
 from longlora_jax.errors import ConfigError
 from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer, read_gguf_config
 from longlora_jax.io.hf import load_pretrained
+from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel import rules
@@ -124,14 +126,22 @@ def load_base_params(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
                      shardings: Any) -> dict[str, Any]:
     """The frozen base `params` for `cfg`'s layout, stored as `dtype`, placed by `shardings`.
 
-    A "preset" base is initialised from `run_keys(seed)["base"]`, as its run did.
+    A "preset" base is initialised from `run_keys(seed)["base"]`, as its run did. With
+    `cfg.quantize` the projection kernels are quantized from their `dtype` values (scales in
+    `dtype`): by the loader as it reads each tensor, or on the devices for a preset.
     """
-    arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype")}
+    arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype", "quantize")}
     if spec.kind == "preset":  # initialised in fp32 and then cast, whatever `dtype`
-        params = init_variables(build_model(cfg.replace(param_dtype="float32")),
-                                {"params": shardings}, run_keys(seed)["base"],
-                                only=("params",))["params"]
-        return jax.tree.map(lambda x: x.astype(dtype), params)
+        float_cfg = cfg.replace(param_dtype="float32", quantize="none")
+        modules = quant.quantized_modules(shardings)
+        float_shardings = traverse_util.unflatten_dict({
+            path: s for path, s in traverse_util.flatten_dict(shardings).items()
+            if path[-1] != quant.SCALE})
+        params = init_variables(build_model(float_cfg), {"params": float_shardings},
+                                run_keys(seed)["base"], only=("params",))["params"]
+        return jax.jit(lambda p: quant.quantize_tree(
+            jax.tree.map(lambda x: x.astype(dtype), p), cfg.quantize, modules),
+            out_shardings=shardings)(params)
     if spec.kind == "hf":
         _, params = load_pretrained(spec.location, dtype=dtype, shardings=shardings,
                                     config_overrides=arch)

@@ -3,7 +3,10 @@
 `export_run(workdir, out, format=...)` is what `python -m longlora_jax.export` calls:
 
 - merged: an HF directory (config.json with the training rope scaling + safetensors) with
-  every adapter folded into its kernel; `transformers.AutoModelForCausalLM` loads it.
+  every adapter folded into its kernel; `transformers.AutoModelForCausalLM` loads it. A
+  quantized base (QLoRA) is dequantized into the dtype it was quantized from (the run's
+  `model.frozen_dtype`) before the adapters are folded in: the merged model is the one the
+  run trained and evaluated.
 - peft: `adapter_config.json` + `adapter_model.safetensors` for
   `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), O)`. LoRA+
   embeddings and norms travel as PEFT `modules_to_save` (full copies that replace the base's);
@@ -14,7 +17,9 @@ The adapter's `base_model_name_or_path` is the base the run was trained on *with
 rope scaling*: the HF base directory itself when its config.json already has that scaling;
 otherwise `O/base`, an HF directory holding the base weights (hard links to the HF base's
 files where possible) and a config.json carrying the training rope scaling. A base that is
-not an HF directory (the GGUF asset, a random init) is always written to `O/base`. So
+not an HF directory (the GGUF asset, a random init) is always written to `O/base`. A
+quantized run's adapter goes on the full-precision base, as QLoRA adapters do (a random-init
+base is written dequantized, the only form it had). So
 `AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])` always
 runs at the trained context length.
 
@@ -47,6 +52,7 @@ from longlora_jax.errors import ConfigError
 from longlora_jax.io.base import load_base_params, load_tokenizer
 from longlora_jax.io.hf import lookup_path, output_projection, save_pretrained
 from longlora_jax.io.run import load_run
+from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.lora import (
     LORA_COLLECTION,
@@ -217,8 +223,9 @@ def _write_base(cfg, variables, tmp: pathlib.Path, out: pathlib.Path, base_dir,
         hf_config.update({k: trained[k] for k in _ROPE_KEYS if k in trained})
         (tmp / "base" / "config.json").unlink()
         (tmp / "base" / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    else:
+    else:  # (a quantized preset base is written dequantized: what the adapter trained on)
         params = nn.unbox(base_params if base_params is not None else variables["params"])
+        params = quant.dequantize_tree(params, cfg.quantize)
         save_pretrained(base_cfg, params, tmp / "base", dtype=_kernel_dtype(params))
     return str(out.absolute() / "base")
 
@@ -291,7 +298,7 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format
     base = run.base
     base_params = None
     if base.kind in ("asset", "gguf"):  # the pristine base for O/base
-        base_params = load_base_params(base, run.cfg.replace(lora_rank=0),
+        base_params = load_base_params(base, run.cfg.replace(lora_rank=0, quantize="none"),
                                        seed=run.meta["seed"], dtype="float32", shardings=None)
     return export_peft(run.cfg, run.variables, out_dir, mode=mode or run.mode,
                        base_dir=base.location if base.is_hf else None,

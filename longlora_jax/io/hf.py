@@ -11,6 +11,7 @@ Loading never holds two full copies of the model in host memory: every parameter
 scanned stack included) is built by `jax.make_array_from_callback`, whose callback
 preallocates the block a device needs and fills it layer by layer from memory-mapped
 safetensors. With target shardings each process only reads the slices of its own devices.
+A quantized base (`cfg.quantize`) is quantized here, one tensor at a time, as it is read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from longlora_jax.errors import CheckpointError
+from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.families import build_model
 
@@ -252,6 +254,14 @@ def assemble_params(
     dtype = jnp.dtype(dtype)
     out = {}
     for path, shape in expected.items():
+        if path[-1] == quant.SCALE:
+            continue  # built with its kernel
+        if (*path[:-1], quant.SCALE) in expected:
+            scale = (*path[:-1], quant.SCALE)
+            out[path], out[scale] = _quantized_leaves(
+                by_path[path], read, dtype, cfg.quantize,
+                [(shape, flat_shardings[path]), (expected[scale], flat_shardings[scale])])
+            continue
         out[path] = jax.make_array_from_callback(
             shape, flat_shardings[path], _block_reader(by_path[path], shape, read, dtype)
         )
@@ -292,6 +302,44 @@ def _flat_shardings(shardings, expected) -> dict[tuple[str, ...], jax.sharding.S
         missing = sorted("/".join(p) for p in set(expected) ^ set(flat))
         raise CheckpointError(f"shardings do not match the params; differing paths: {missing[:4]}")
     return flat
+
+
+def _quantized_leaves(names: list[TensorName], read, dtype, scheme: str,
+                      leaves: list[tuple[tuple[int, ...], jax.sharding.Sharding]]):
+    """(codes, scales) of one quantized kernel (a scanned stack: one tensor per layer).
+
+    `leaves`: [(shape, sharding)] of the codes and of the scales. Each HF tensor is read whole
+    once (an int8 scale needs every input row of its column), cast to the storage `dtype`,
+    quantized, and its parts copied into the blocks this process's devices hold; so the host
+    holds one layer's tensor in float at a time, plus the quantized blocks.
+    """
+    stacked = names[0].layer is not None
+    blocks = []  # per leaf: {block key: (index, numpy block, [devices])}
+    for (shape, sharding), leaf_dtype in zip(leaves, (quant.code_dtype(scheme), dtype),
+                                             strict=True):
+        unique: dict[tuple, tuple] = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in unique:
+                unique[key] = (index, np.empty(_index_shape(shape, index), leaf_dtype), [])
+            unique[key][2].append(device)
+        blocks.append((shape, unique))
+    for layer, name in enumerate(names):
+        block = read(name.hf, (slice(None), slice(None)))
+        w_io = (block.T if name.transpose else block).astype(dtype)
+        for array, (shape, unique) in zip(quant.quantize(w_io, scheme, dtype), blocks,
+                                          strict=True):
+            for index, out, _ in unique.values():
+                if not stacked:
+                    out[...] = array[index]
+                elif layer in (rows := range(shape[0])[index[0]]):
+                    out[rows.index(layer)] = array[index[1:]]
+    return tuple(
+        jax.make_array_from_single_device_arrays(shape, sharding, [
+            jax.device_put(out, device) for _, out, devices in unique.values()
+            for device in devices])
+        for (shape, unique), (_, sharding) in zip(blocks, leaves, strict=True))
 
 
 def _block_reader(names: list[TensorName], shape, read, dtype):

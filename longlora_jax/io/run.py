@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from longlora_jax.errors import CheckpointError, first_line
+from longlora_jax.errors import CheckpointError, ConfigError, first_line
 from longlora_jax.io.base import (
     BaseSpec,
     abstract_variables,
@@ -42,6 +42,7 @@ from longlora_jax.io.base import (
     load_tokenizer,
 )
 from longlora_jax.io.peft import apply_adapter
+from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling
 from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.lora import merge_trees, split_trainable, trainable_labels
@@ -49,6 +50,8 @@ from longlora_jax.parallel import rules
 from longlora_jax.parallel.mesh import single_device_mesh
 
 CHECKPOINTS = "checkpoints"
+# `load_model`'s quantize: "auto" (a workdir's own, none for a base) or a scheme.
+QUANTIZE = ("auto", *quant.SCHEMES)
 TRAINABLE, OPTIMIZER, DATA, META = "trainable", "optimizer", "data", "meta"
 
 
@@ -115,13 +118,17 @@ class Run:
 
 
 def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
-             dtype: str = "float32") -> Run:
+             dtype: str = "float32", quantize: str | None = None) -> Run:
     """A training run's model on this process's first device (base + trained leaves).
 
     The frozen base is rebuilt from what the checkpoint's meta names (loaded as `dtype`, or
     re-initialised from the run's seed for a preset); the trainable leaves (fp32) come from
     the checkpoint. `step` defaults to the newest checkpoint. CheckpointError when the
     workdir has no such checkpoint.
+
+    quantize: how to store the base (`LlamaConfig.quantize`); None keeps the run's own. A
+    quantized base is quantized from the run's `model.frozen_dtype`, as training did, so
+    its codes and scales are the ones the run trained on; compute stays in `dtype`.
     """
     workdir = pathlib.Path(workdir)
     manager = checkpoint_manager(workdir)
@@ -144,6 +151,8 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
             raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was written by "
                                   "an older longlora_jax (its meta has no model config)")
         cfg = LlamaConfig.from_dict(meta["model"])
+        if quantize is not None:
+            cfg = cfg.replace(quantize=quantize)
         mesh = single_device_mesh()
         shardings = rules.tree_shardings(mesh, abstract_variables(build_model(cfg)))
         labels, abstract = trainable_abstract(cfg, meta["mode"], shardings)
@@ -151,8 +160,12 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
             **{TRAINABLE: ocp.args.StandardRestore(abstract)}))[TRAINABLE]
     finally:
         manager.close()
-    params = load_base_params(BaseSpec.parse(meta["base"]), cfg, seed=meta["seed"],
-                              dtype=dtype, shardings=shardings["params"])
+    base_dtype = dtype
+    if cfg.quantize != "none":
+        base_dtype = meta.get("config", {}).get("model", {}).get("frozen_dtype", dtype)
+    params = load_base_params(BaseSpec.parse(meta["base"]), cfg.replace(dtype=dtype),
+                              seed=meta["seed"], dtype=base_dtype,
+                              shardings=shardings["params"])
     _, frozen = split_trainable({"params": params}, labels)
     return Run(cfg.replace(dtype=dtype), merge_trees(trainable, frozen), meta, step)
 
@@ -168,21 +181,27 @@ class LoadedModel:
 
 
 def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "float32",
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, quantize: str = "auto") -> LoadedModel:
     """Loads `source` (see the module docstring) on one device, weights as `dtype`.
 
     rope: a RoPE scaling to run with instead of the model's own (`modeling.config.parse_rope`;
-    None keeps it). Bases are loaded with scanned layers (one compiled layer: fast compiles);
-    a preset base is a random init from `seed` with the byte tokenizer. CheckpointError for a
-    path that is neither a base nor a workdir with checkpoints.
+    None keeps it). quantize: store the base's projections quantized ("int8", "int4"; see
+    `LlamaConfig.quantize`) or not ("none"); "auto": a workdir's own (`load_run`), none for
+    a base. ConfigError for any other value. Bases are loaded with scanned layers (one
+    compiled layer: fast compiles); a preset base is a random init from `seed` with the byte
+    tokenizer. CheckpointError for a path that is neither a base nor a workdir with
+    checkpoints.
     """
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize!r}; valid: {', '.join(QUANTIZE)}")
     source, plus, adapter = source.partition("+")
     if plus and not is_base_spec(source):
         raise CheckpointError(f"model {source}+{adapter!r}: an adapter goes on a base "
                               "(smollm2 | hf:DIR | gguf:FILE | preset:NAME), e.g. hf:DIR+ADAPTER")
     if is_base_spec(source):
         spec = BaseSpec.parse(source)
-        overrides = {"scan_layers": True, "dtype": dtype}
+        overrides = {"scan_layers": True, "dtype": dtype,
+                     "quantize": "none" if quantize == "auto" else quantize}
         if spec.kind == "preset":
             cfg = LlamaConfig.preset(spec.location, **overrides)
             tokenizer = load_tokenizer("bytes", spec)
@@ -204,7 +223,7 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
         raise CheckpointError(
             f"model {source!r} is neither a training workdir nor a base "
             "(smollm2 | hf:DIR | gguf:FILE | preset:NAME)")
-    run = load_run(workdir, dtype=dtype)
+    run = load_run(workdir, dtype=dtype, quantize=None if quantize == "auto" else quantize)
     tokenizer = load_tokenizer(run.meta["tokenizer"], run.base)
     check_tokenizer(tokenizer, run.meta["tokenizer"], run.cfg, run.base)
     return LoadedModel(workdir.name, run.cfg.with_rope(rope), run.variables, tokenizer)

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from longlora_jax.errors import CheckpointError, ConfigError
+from longlora_jax.modeling import quant
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -190,6 +191,10 @@ class LlamaConfig:
         projections).
       remat_policy: "none" | "full" | "dots" | "dots_no_batch" (what the backward pass may keep).
       scan_layers: run the L decoder layers with `nn.scan` (params get a leading layer axis).
+      quantize: how the frozen decoder projections are stored: "none" (as `param_dtype`),
+        "int8" (per output channel) or "int4" (groups of 64 input rows); see
+        `modeling.quant`. Embeddings, norms, biases, LoRA factors and the LM head stay in
+        floating point.
     """
 
     vocab_size: int = 32000
@@ -220,6 +225,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = False
+    quantize: str = "none"
     # S2-Attn.
     attention_train: str = "full"
     attention_impl: str = "auto"
@@ -275,6 +281,14 @@ class LlamaConfig:
         _check_choice("attention_train", self.attention_train, ATTENTION_TRAIN)
         _check_choice("s2_group_rule", self.s2_group_rule, S2_GROUP_RULES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("quantize", self.quantize, quant.SCHEMES)
+        if self.quantize not in ("none", "int8"):
+            uneven = {n: i for n, (i, _) in self.projections().items() if i % quant.GROUP}
+            if uneven:
+                raise ConfigError(
+                    f"quantize={self.quantize!r} stores groups of {quant.GROUP} input rows, but "
+                    f"{', '.join(f'{n} has {i}' for n, i in uneven.items())} inputs; use "
+                    "quantize 'int8' or 'none' for this model")
         group, ratio = self.s2_group_size, self.s2_group_size_ratio
         if group is not None and (group <= 0 or group % 2):
             raise ConfigError(f"s2_group_size must be a positive even number, got {group}")

@@ -214,7 +214,10 @@ class CausalLM(nn.Module):
             self.layers = [stack(cfg) for _ in range(cfg.num_hidden_layers)]
         setattr(self, norm_name, self.norm_cls(cfg))
         if not cfg.tie_word_embeddings:
-            setattr(self, head_name, Dense(cfg.vocab_size, ("embed", "vocab"), cfg))
+            # Never quantized: the output layer is what quantization hurts most and is <= 2%
+            # of a large model's weights (the README's QLoRA section).
+            setattr(self, head_name, Dense(cfg.vocab_size, ("embed", "vocab"), cfg,
+                                           quantizable=False))
 
     def _embedding(self) -> nn.Embed:
         return getattr(self, self.part_names[0])

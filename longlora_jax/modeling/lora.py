@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from longlora_jax.errors import ConfigError
+from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 
 LORA_COLLECTION = "lora"
@@ -46,26 +47,43 @@ class Dense(nn.Module):
     GPT-NeoX's projections have; LoRA adapts the biased projection exactly as PEFT does
     (x @ W + b + dropout(x) @ A @ B * s), and the bias itself is frozen unless everything
     trains (see `trainable_labels`).
+
+    With `cfg.quantize` set (and `quantizable`, which only the LM head turns off) the kernel
+    is stored quantized (`modeling.quant`): `kernel` holds the integer codes [in, out] and
+    `scale` their scales, and the kernel is dequantized in the compute dtype inside the
+    matmul. Such a Dense is filled by a loader (`io.hf.assemble_params`) or by
+    `quantize_params`; initialising it gives zeros.
     """
 
     features: int
     axes: tuple[str, str]
     cfg: LlamaConfig
     use_bias: bool = False
+    quantizable: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), self.axes
-            ),
-            (x.shape[-1], self.features),
-            jnp.dtype(cfg.param_dtype),
-        )
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        shape = (x.shape[-1], self.features)
+        scheme = cfg.quantize if self.quantizable else "none"
+        if scheme == "none":
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.initializer_range), self.axes
+                ),
+                shape,
+                jnp.dtype(cfg.param_dtype),
+            ).astype(dtype)
+        else:
+            codes = self.param("kernel", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes), shape, quant.code_dtype(scheme))
+            scales = self.param("scale", nn.with_logical_partitioning(
+                nn.initializers.zeros, quant.scale_axes(self.axes, scheme)),
+                quant.scale_shape(shape, scheme), jnp.dtype(cfg.param_dtype))
+            kernel = quant.dequantize(codes, scales, scheme, dtype)
+        y = jnp.dot(x.astype(dtype), kernel)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    (self.axes[1],)),
@@ -253,8 +271,10 @@ def merge_lora(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaCon
 
     With s = alpha / r. Works on scanned (leading layer axis) and unscanned trees; the product
     is computed in fp32 at full precision and cast to the kernel's dtype (a bf16 base loses
-    the bf16 rounding of the sum: upcast first to keep it). Returns the config with LoRA off
-    and the merged `params`, which give the unmerged model's logits. Raises `ConfigError` when
+    the bf16 rounding of the sum: upcast first to keep it). A quantized base is dequantized
+    first, into the dtype it was quantized from (`quant.dequantize_tree`). Returns the config
+    with LoRA (and quantization) off and the merged `params`, which give the unmerged model's
+    logits. Raises `ConfigError` when
     there is nothing to merge (already merged, or trained without LoRA).
     """
     lora = variables.get(LORA_COLLECTION)
@@ -265,7 +285,7 @@ def merge_lora(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaCon
             "trained without LoRA)"
         )
     scale = cfg.lora_alpha / cfg.lora_rank
-    flat_params = _flat(nn.unbox(variables["params"]))
+    flat_params = _flat(quant.dequantize_tree(nn.unbox(variables["params"]), cfg.quantize))
     flat_lora = _flat(nn.unbox(lora))
     for module in sorted({path[:-1] for path in flat_lora}):
         a, b = flat_lora[(*module, "a")], flat_lora[(*module, "b")]
@@ -277,4 +297,4 @@ def merge_lora(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaCon
         flat_params[(*module, "kernel")] = (kernel.astype(jnp.float32) + delta * scale).astype(
             kernel.dtype
         )
-    return cfg.replace(lora_rank=0), traverse_util.unflatten_dict(flat_params)
+    return cfg.replace(lora_rank=0, quantize="none"), traverse_util.unflatten_dict(flat_params)

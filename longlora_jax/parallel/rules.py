@@ -65,10 +65,33 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def tree_shardings(mesh: Mesh, boxed_tree: Any) -> Any:
     """NamedShardings for a pytree of `nn.LogicallyPartitioned` boxes (e.g. `eval_shape(init)`).
 
-    Leaves without logical names are replicated.
+    Leaves without logical names are replicated. A dimension that the mesh axes of its name
+    do not divide keeps the longest leading run of them that does (jit refuses uneven
+    splits): e.g. SmolLM2's 9 int4 scale groups of its 576 inputs stay whole under
+    fsdp x sequence = 4, while the codes they scale are split 4 ways.
     """
     logical_specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
+    return jax.tree.map(lambda s, shape: _fit(s, shape), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """`sharding` with each dimension split only over mesh axes whose product divides it."""
+    fitted = []
+    for size, axes in zip(shape, tuple(sharding.spec) + (None,) * len(shape), strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways, keep = 1, []
+        for name in names:
+            if size % (ways * sharding.mesh.shape[name]):
+                break
+            ways *= sharding.mesh.shape[name]
+            keep.append(name)
+        fitted.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+    if tuple(fitted) == tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec)):
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*fitted))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -39,8 +39,10 @@ from longlora_jax.parallel.distributed import any_process, is_main_process
 _FINGERPRINT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
-    "scan_layers", "lora_rank", "lora_targets",
+    "scan_layers", "lora_rank", "lora_targets", "quantize",
 )
+# Fields added after checkpoints were written without them: their value in those.
+_FINGERPRINT_DEFAULTS = {"quantize": "none"}
 
 
 def fingerprint(cfg: LlamaConfig, mode: str) -> dict[str, Any]:
@@ -168,10 +170,11 @@ class Checkpointer:
                                   "(no model config in their meta); use a new --workdir")
         have = meta.get("fingerprint", {})
         for key, value in expected.items():
-            if have.get(key) != value:
+            there = have.get(key, _FINGERPRINT_DEFAULTS.get(key))
+            if there != value:
                 raise CheckpointError(
                     f"{self.directory} holds checkpoints of a different run: {key}="
-                    f"{have.get(key)!r} there, {value!r} here; use a new --workdir"
+                    f"{there!r} there, {value!r} here; use a new --workdir"
                 )
 
     def restore_latest(self, abstract_state: Any,

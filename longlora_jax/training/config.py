@@ -25,6 +25,7 @@ from longlora_jax.modeling.config import (
     linear_pi_factor,
 )
 from longlora_jax.modeling.families import build_model
+from longlora_jax.modeling.quant import SCHEMES
 from longlora_jax.parallel.mesh import BATCH_AXES, DATA, MESH_AXES
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, TrainSetup, build_train_setup
@@ -43,6 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
     model.overrides     LlamaConfig architecture fields for a "preset:" base (e.g. layers).
     model.dtype         compute dtype ("bfloat16" on accelerators, "float32" on CPU).
     model.frozen_dtype  storage dtype of frozen weights; trainable leaves are always fp32.
+    model.quantize      "none" | "int8" | "int4": store the frozen decoder projections
+                        quantized (QLoRA; int8 per output channel, int4 in groups of 64
+                        input rows, quantized from frozen_dtype as they load; see
+                        `modeling.quant`); lora.mode "lora" or "lora_plus" only.
     model.remat         "none" | "full" | "dots" | "dots_no_batch".
     model.scan          run the layers under nn.scan (faster compiles, one layer's memory).
     seq_len             training context length N.
@@ -89,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         base="preset:tiny", tokenizer="auto", overrides=ml_collections.ConfigDict(),
-        dtype="float32", frozen_dtype="bfloat16", remat="full", scan=True,
+        dtype="float32", frozen_dtype="bfloat16", remat="full", scan=True, quantize="none",
     ))
     c.seq_len = 2048
     c.rope = ml_collections.ConfigDict(dict(type="linear", factor=0.0, original_context=0))
@@ -154,12 +159,20 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSp
         )
     base = base_config(spec, overrides)
     lora_on = config.lora.mode in ("lora", "lora_plus")
+    if config.model.quantize not in SCHEMES:
+        raise ConfigError(f"model.quantize={config.model.quantize!r}; valid: "
+                          f"{', '.join(SCHEMES)}")
+    if config.model.quantize != "none" and not lora_on:
+        raise ConfigError(f"model.quantize={config.model.quantize!r} keeps the base frozen, "
+                          f"but lora.mode={config.lora.mode!r} trains it; use lora.mode "
+                          "'lora' or 'lora_plus', or model.quantize='none'")
     cfg = base.replace(
         rope_scaling=rope_scaling(config, base),
         dtype=config.model.dtype,
         param_dtype="float32",
         remat_policy=config.model.remat,
         scan_layers=config.model.scan,
+        quantize=config.model.quantize,
         attention_train=config.attention.train,
         attention_impl=config.attention.impl,
         s2_group_size=config.attention.group_size or None,

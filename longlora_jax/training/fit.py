@@ -135,9 +135,9 @@ def attention_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def _tree_bytes_per_chip(tree: Any) -> int:
-    """Bytes one chip holds of a pytree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(tree))
+    """Bytes one chip holds of a pytree of sharded ShapeDtypeStructs (int4: two a byte)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype)
+               // 8 for x in jax.tree.leaves(tree))
 
 
 _OOM = re.compile(
@@ -191,7 +191,8 @@ def compile_step(config: ml_collections.ConfigDict, tpu: TpuSlice,
         "attention_impl": cfg.attention_impl,
         "s2_group": cfg.s2_group(config.seq_len) if cfg.attention_train == "s2" else None,
         "lora_mode": config.lora.mode, "remat": cfg.remat_policy, "dtype": cfg.dtype,
-        "frozen_dtype": config.model.frozen_dtype, "params": cfg.num_params(),
+        "frozen_dtype": config.model.frozen_dtype, "quantize": cfg.quantize,
+        "params": cfg.num_params(),
         "hbm_bytes": tpu.spec.hbm_bytes, "usable_hbm_bytes": tpu.spec.usable_hbm_bytes,
         "arguments_bytes": args,
         "model_flops": flops, "est_step_seconds": flops / tpu.spec.peak_flops,

@@ -5,8 +5,9 @@ topology, so what the fit report measures is what a run executes.
 
 State layout: the model's variables are split once by the trainable labels
 (`lora.trainable_labels`) into `trainable` (fp32, in the state, optimised, checkpointed)
-and `frozen` (stored in `frozen_dtype`, e.g. bf16; a separate argument that is never
-differentiated, updated or checkpointed). Gradients are taken w.r.t. `trainable` only.
+and `frozen` (stored in `frozen_dtype`, e.g. bf16, or as integer codes and scales for a
+quantized base; a separate argument that is never differentiated, updated or
+checkpointed). Gradients are taken w.r.t. `trainable` only.
 """
 
 from __future__ import annotations
@@ -217,7 +218,10 @@ class TrainSetup:
 
 
 def _cast_tree(tree: Any, dtype: jnp.dtype) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), tree)
+    """Floating leaves as `dtype`; a quantized base's integer codes keep theirs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+        sharding=x.sharding), tree)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
