@@ -1,4 +1,4 @@
-"""`python -m longlora_jax.bench attention|train [--config.KEY=VALUE ...]`
+"""`python -m longlora_jax.bench attention|train|longest|quant [--config.KEY=VALUE ...]`
 
 Benchmarks measured side by side in one process, printed as a markdown table (`--json PATH`
 also writes them):
@@ -6,13 +6,15 @@ also writes them):
               wall time, compiled FLOPs and temporary memory (`benchmarks.attention`).
   train       tokens/s of our LongLoRA train step vs transformers + PEFT on a SmolLM2-shaped
               model, and its useful-FLOPs efficiency (`benchmarks.train_step`).
+  quant       bytes of a quantized frozen base (codes, scales, float rest) and the host's
+              peak memory while it loads, per scheme (`benchmarks.quant`).
   longest     the longest sequence whose LoRA+ training step runs in this machine's memory,
               ours and the peer's, each trial in a watched subprocess (`benchmarks.longest`).
 """
 
 import sys
 
-from longlora_jax.benchmarks import attention, longest, train_step
+from longlora_jax.benchmarks import attention, longest, quant, train_step
 from longlora_jax.cli import Command, dispatch
 
 
@@ -26,7 +28,8 @@ def _command(name, module) -> Command:
 
 SUBCOMMANDS = {"attention": _command("attention", attention),
                "train": _command("train", train_step),
-               "longest": _command("longest", longest)}
+               "longest": _command("longest", longest),
+               "quant": _command("quant", quant)}
 
 if __name__ == "__main__":
     sys.exit(dispatch("bench", __doc__, SUBCOMMANDS))

@@ -42,7 +42,7 @@ PAPER = {
     # the other families
     "mistral_7b_32k": ("v4-8", 32768), "qwen25_7b_32k": ("v4-8", 32768),
     "pythia_6_9b_16k": ("v4-8", 16384),
-    # QLoRA: the 70B run with an int4 frozen base, on half the chips
+    # QLoRA: the 70B run with an NF4 frozen base, on half the chips
     "llama2_70b_32k_qlora": ("v4-8", 32768),
 }
 
@@ -311,14 +311,14 @@ def test_moonshot_compiles_and_fits(name, tmp_path):
 
 @pytest.mark.slow
 def test_qlora_70b_fits_a_v4_8(tmp_path):
-    """LLaMA-2-70B @ 32k with an int4 frozen base fits 4 v4 chips (bf16: 8); the frozen
-    weights per chip are int4 codes (packed) and bf16 scales: ~1/4 of bf16."""
+    """LLaMA-2-70B @ 32k with an NF4 frozen base fits 4 v4 chips (bf16: 8); the frozen
+    weights per chip are 4-bit codes (packed) and bf16 scales: ~1/4 of bf16."""
     out = tmp_path / "report.json"
     proc = _aot("--config", os.path.join(REPO_ROOT, "configs", "llama2_70b_32k_qlora.py"),
                 "--json", str(out), timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["topology"] == "v4-8" and report["quantize"] == "int4"
+    assert report["topology"] == "v4-8" and report["quantize"] == "nf4"
     assert report["fits"] and report["per_chip_bytes"] <= report["usable_hbm_bytes"]
     assert report["kernels"]["splash"] > 0 and report["kernels"]["xla_softmax"] == 0
     bf16_frozen = 2 * report["params"] / report["chips"]

@@ -171,7 +171,7 @@ def test_generate_on_a_quantized_base_is_decoding_the_dequantized_model():
     error = np.abs(np.asarray(dequantized["layers"]["mlp"]["up_proj"]["kernel"]) - np.asarray(
         load_model("preset:tiny").variables["params"]["layers"]["mlp"]["up_proj"]["kernel"]))
     step = _step(up["scale"], "int4", error.shape)
-    assert 0 < error.max() and np.all(error <= step / 2 * (1 + 1e-5))
+    assert error.max() > 0 and np.all(error <= step / 2 * (1 + 1e-5))
 
 
 # ------------------------------------------------------------------------------ loading
@@ -216,7 +216,7 @@ def _relative_error(cfg, params, reference, ids) -> float:
 
 def test_hf_checkpoint_loads_quantized(hf_model, ckpt):
     """Quantized as it loads == loaded in bf16 then quantized; the fewer the bits, the
-    farther from the float model (transformers): bf16 < int8 < int4. (This random tiny model,
+    farther from the float model (transformers): bf16 < int8 < int4, nf4. (This random tiny model,
     weights ~ 1/sqrt(in), amplifies weight noise; the README's SmolLM2 perplexities measure
     real quality.)"""
     arch = {"scan_layers": True}
@@ -230,7 +230,8 @@ def test_hf_checkpoint_loads_quantized(hf_model, ckpt):
         assert cfg.quantize == scheme
         _assert_loaded_like_quantized_after(cfg, params, bf16)
         errors.append(_relative_error(cfg, params, reference, ids))
-    assert errors == sorted(errors) and errors[1] < 0.06 and errors[2] < 0.8, errors
+    assert errors[0] < errors[1] < min(errors[2:]), errors
+    assert errors[1] < 0.06 and max(errors[2:]) < 0.8, errors
 
 
 def test_gguf_loads_quantized(hf_model, tmp_path):

@@ -14,6 +14,27 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 Series = Mapping[str, Mapping[int, float]]
+# a distinct (colour, marker, line) per name for up to 40 names: colours repeat after 10
+_MARKERS = "osD^vP*Xh<"
+_LINES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> dict:
+    return {"color": f"C{i % 10}", "marker": _MARKERS[i % 10], "linestyle": _LINES[i // 10 % 4]}
+
+
+def _new_figure(names: int) -> tuple[Figure, object]:
+    """A figure and its axes; wider, with room for a legend on the right, for many names."""
+    fig = Figure(figsize=(10, 4.5) if names > 5 else (7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _legend(ax, names: int) -> None:
+    if names > 5:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
 
 
 def line_plot(series: Series, path: str | pathlib.Path, *, title: str, ylabel: str,
@@ -24,13 +45,11 @@ def line_plot(series: Series, path: str | pathlib.Path, *, title: str, ylabel: s
     windows: {name: context window}; each distinct window within the lengths is drawn as a
     dotted vertical line.
     """
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _new_figure(len(series))
     lengths = sorted({length for points in series.values() for length in points})
-    for name, points in series.items():
+    for i, (name, points) in enumerate(series.items()):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+        ax.plot(xs, [points[x] for x in xs], label=name, **_style(i))
     for window in sorted(w for w in set((windows or {}).values()) if w <= lengths[-1]):
         ax.axvline(window, color="grey", linestyle=":", linewidth=1)
         ax.annotate(f"window {window}", (window, 1), xycoords=("data", "axes fraction"),
@@ -48,7 +67,7 @@ def line_plot(series: Series, path: str | pathlib.Path, *, title: str, ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, len(series))
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path)
@@ -69,14 +88,17 @@ def passkey_plot(series: Series, path: str | pathlib.Path, *, title: str,
 
 
 def scatter_plot(points: Mapping[str, tuple[float, float]], path: str | pathlib.Path, *,
-                 title: str, xlabel: str, ylabel: str) -> pathlib.Path:
-    """Writes `path` (PNG): one labelled point (x, y) per name (e.g. cost vs quality)."""
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, (x, y) in points.items():
-        ax.scatter([x], [y], label=name)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+                 title: str, xlabel: str, ylabel: str, log_x: bool = False) -> pathlib.Path:
+    """Writes `path` (PNG): one point (x, y) per name, named in the legend (e.g. cost vs
+    quality)."""
+    fig, ax = _new_figure(len(points))
+    for i, (name, (x, y)) in enumerate(points.items()):
+        style = _style(i)
+        ax.scatter([x], [y], label=name, color=style["color"], marker=style["marker"], s=40)
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    _legend(ax, len(points))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

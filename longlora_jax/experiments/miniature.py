@@ -10,8 +10,11 @@
 3. **Variants**, each fine-tuned from the base with the same data, steps, schedule and
    learning rate, for every seed: full fine-tuning with full attention / S2; LoRA (q, k, v, o)
    with S2; LoRA+ (LoRA + embeddings + norms: LongLoRA) with S2, with full attention and with
-   short attention (S2 without the shift); LoRA at a much larger rank with S2. Two reference
-   rows are not fine-tuned: the base as it is, and the base with PI.
+   short attention (S2 without the shift); LoRA at a much larger rank with S2; full
+   fine-tuning with short attention (does the shift matter where the model learns most?).
+   Two reference rows are not fine-tuned: the base as it is, and the base with PI. Check
+   rows (first seed only) change one setting of a LoRA row, the learning rate or the number
+   of steps, to tell a shortfall of the method from one of the setup.
 4. **Measures.** Held-out perplexity with full attention at the base's window, the target
    length and twice the target (non-overlapping windows, the same token budget per length);
    passkey retrieval at the target length; and per variant the cost side from its own
@@ -104,6 +107,14 @@ class Variant:
     attention: str  # training attention: "full" | "s2" | "short"
     pi: bool = True  # linear position interpolation by the scale's factor
     big_rank: bool = False
+    # setup checks (is a shortfall the setup's fault?): first seed only, the learning rate
+    # or the number of steps scaled; not a like-for-like row of the comparison
+    lr_scale: float = 1.0
+    steps_scale: int = 1
+
+    @property
+    def check(self) -> bool:
+        return self.lr_scale != 1.0 or self.steps_scale != 1
 
 
 VARIANTS = (
@@ -116,6 +127,10 @@ VARIANTS = (
     Variant("LoRA+, full attention", "lora_plus", "full"),
     Variant("LoRA+, short attention (no shift)", "lora_plus", "short"),
     Variant("LoRA large rank, S2-Attn", "lora", "s2", big_rank=True),
+    Variant("full FT, short attention (no shift)", "full", "short"),
+    Variant("check: LoRA, S2-Attn, lr x4", "lora", "s2", lr_scale=4.0),
+    Variant("check: LoRA+, S2-Attn, lr x4", "lora_plus", "s2", lr_scale=4.0),
+    Variant("check: LoRA+, S2-Attn, 4x steps", "lora_plus", "s2", steps_scale=4),
 )
 
 
@@ -178,10 +193,11 @@ def finetune_config(scale: Scale, variant: Variant, base_dir: pathlib.Path,
     c.lora.mode = variant.mode
     c.lora.rank = scale.big_rank if variant.big_rank else scale.rank
     c.lora.alpha = 2.0 * c.lora.rank
-    c.optim.lr = scale.finetune_lr
-    c.optim.warmup_steps = max(1, scale.finetune_steps // 10)
+    c.optim.lr = scale.finetune_lr * variant.lr_scale
+    steps = scale.finetune_steps * variant.steps_scale
+    c.optim.warmup_steps = max(1, steps // 10)
     c.batch.global_batch = scale.finetune_batch
-    c.max_steps = scale.finetune_steps
+    c.max_steps = steps
     c.checkpoint.every = 0
     c.loss_chunk = 1024
     return c
@@ -277,17 +293,20 @@ def run_miniature(out: str | pathlib.Path, scale: Scale = MINIATURE, *,
     rows = []
     for variant in VARIANTS:
         row: dict[str, Any] = {"variant": variant.name, "mode": variant.mode,
-                               "attention": variant.attention, "seeds": {}}
+                               "attention": variant.attention, "check": variant.check,
+                               "seeds": {}}
         if variant.mode is None:
             cfg = base_cfg.with_rope(RopeScaling("linear", factor=float(scale.factor))
                                      if variant.pi else None)
             row["seeds"]["-"] = measure(cfg, {"params": base_params}, docs, scale)
             row["trainable_params"] = 0
-        for seed in () if variant.mode is None else scale.seeds:
+        seeds = scale.seeds[:1] if variant.check else scale.seeds
+        for seed in () if variant.mode is None else seeds:
             config = finetune_config(scale, variant, base_dir, seed)
             run_dir = workdir / f"{_digest(config)}"
             t0 = time.perf_counter()
-            train(config, run_dir)
+            summary = train(config, run_dir)
+            row.setdefault("train_seconds", {})[str(seed)] = summary["train_seconds"]
             run = load_run(run_dir)
             row["seeds"][str(seed)] = measure(run.cfg, run.variables, docs, scale)
             row["trainable_params"] = _trainable(config)
@@ -297,6 +316,7 @@ def run_miniature(out: str | pathlib.Path, scale: Scale = MINIATURE, *,
                 f"{time.perf_counter() - t0:.0f} s")
         rows.append(_summarise(row, scale))
     report = {"scale": dataclasses.asdict(scale), "variants": rows,
+              "train_seconds": sum(sum(row.get("train_seconds", {}).values()) for row in rows),
               "seconds": time.perf_counter() - started, "pretrain_seconds": pretrain_seconds}
     write_report(out, report, scale)
     return report
@@ -340,9 +360,11 @@ def markdown(report: dict[str, Any], scale: Scale) -> str:
     lines += ["", f"Base window {scale.base_context} tokens (bytes), extended {scale.factor}x "
               f"to {scale.target} with linear position interpolation; perplexity with full "
               f"attention on held-out text (Persuasion and five essays), mean ± half the "
-              f"spread over seeds {seeds}. Pretraining the base took "
-              f"{math.ceil(report['pretrain_seconds'] / 60)} min (cached between runs), the "
-              f"fine-tuning and measurements {math.ceil(report['seconds'] / 60)} min."]
+              f"spread over seeds {seeds} (the check rows: seed {scale.seeds[0]} only, one "
+              f"setting changed, to test whether a shortfall is the setup's). Pretraining the "
+              f"base took {math.ceil(report['pretrain_seconds'] / 60)} min (cached between "
+              f"runs), the fine-tuning steps {math.ceil(report['train_seconds'] / 60)} min; this "
+              f"invocation {math.ceil(report['seconds'] / 60)} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -356,8 +378,9 @@ def write_report(out: pathlib.Path, report: dict[str, Any], scale: Scale) -> Non
     line_plot(series, out / "ppl_vs_length.png", title="The paper in miniature: held-out "
               "perplexity vs length", ylabel="perplexity (full attention)", log_y=True,
               windows={"window": scale.base_context, "target": scale.target})
-    tuned = [row for row in report["variants"] if "cost" in row]
-    scatter_plot({row["variant"]: (row["cost"]["attention_gflop"],
+    tuned = [row for row in report["variants"] if "cost" in row and not row["check"]]
+    scatter_plot({row["variant"]: (row["cost"]["seconds_per_step"],
                                    row["ppl_mean"][str(scale.target)]) for row in tuned},
                  out / "cost_vs_quality.png", title="Cost vs quality of the fine-tuned variants",
-                 xlabel="attention GFLOP per step", ylabel=f"perplexity @{scale.target}")
+                 xlabel="seconds per training step (this CPU)",
+                 ylabel=f"held-out perplexity @{scale.target}", log_x=True)

@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     allow_beyond_context   allow prompt + new tokens beyond the model's context window
     dtype            weights and compute dtype
     quantize         the base's projections: auto (a workdir's own, none for a base) | none |
-                     int8 | int4 (see `modeling.quant`)
+                     int8 | int4 | nf4 (see `modeling.quant`)
     """
     return ml_collections.ConfigDict(dict(
         model="smollm2", prompt="", material="", question="", template="auto",

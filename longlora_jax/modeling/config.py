@@ -192,7 +192,7 @@ class LlamaConfig:
       remat_policy: "none" | "full" | "dots" | "dots_no_batch" (what the backward pass may keep).
       scan_layers: run the L decoder layers with `nn.scan` (params get a leading layer axis).
       quantize: how the frozen decoder projections are stored: "none" (as `param_dtype`),
-        "int8" (per output channel) or "int4" (groups of 64 input rows); see
+        "int8" (per output channel), "int4" or "nf4" (groups of 64 input rows); see
         `modeling.quant`. Embeddings, norms, biases, LoRA factors and the LM head stay in
         floating point.
     """

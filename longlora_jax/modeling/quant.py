@@ -8,11 +8,15 @@ A projection kernel W [.., in, out] (a leading layer axis when scanned) is store
     int4   Q int4 (XLA stores two codes to a byte), S [.., in / G, out]: one scale per
            group of G = 64 consecutive input rows and output channel, S = max |W_group| / 7,
            W ~ Q * S (Q in -7..7: symmetric, no zero point).
+    nf4    QLoRA's NormalFloat4: int4 codes indexing 16 levels at the quantiles of a normal
+           distribution in [-1, 1] (`NF4`), scales as int4 with S = max |W_group|,
+           W ~ NF4[Q] * S; a code is the nearest level.
 
-Both are symmetric and round to nearest. A scale is stored in the dtype of the base it
-replaces (bf16 for a bf16 base) and the codes are computed with that rounded scale, so
-|W - dequantize(Q, S)| <= S / 2 elementwise, exactly as for an fp32 scale (a scale rounded
-down by bf16 leaves max |W| / S <= 127.5, resp. 7.5, so nothing is clipped by more than S/2).
+All are symmetric and round to the nearest level. A scale is stored in the dtype of the
+base it replaces (bf16 for a bf16 base) and the codes are computed with that rounded scale,
+so for int8 and int4 |W - dequantize(Q, S)| <= S / 2 elementwise, exactly as for an fp32
+scale (a scale rounded down by bf16 leaves max |W| / S <= 127.5, resp. 7.5, so nothing is
+clipped by more than S/2); for nf4 the bound is half the widest gap between levels, times S.
 An all-zero column (or group) gets scale 0 and codes 0.
 
 `quantize` is written once for numpy (the loaders quantize each tensor on the host as they

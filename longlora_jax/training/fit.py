@@ -296,7 +296,14 @@ def report_table(directory: str | pathlib.Path) -> str:
     if not paths:
         raise ConfigError(f"aot.table={str(directory)!r} holds no report .json files (write "
                           "them with --json)")
-    return markdown_table([json.loads(p.read_text()) for p in paths])
+    reports = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not {"mesh", "chips", "fits"} <= report.keys():
+            raise ConfigError(f"aot.table: {path} is not an aot report (written by --json); "
+                              "keep only reports in the directory")
+        reports.append(report)
+    return markdown_table(reports)
 
 
 def fit_report(config: ml_collections.ConfigDict, *, config_name: str = "") -> dict[str, Any]:
