@@ -5,7 +5,7 @@ import json
 import pytest
 
 from longlora_jax.bench import SUBCOMMANDS
-from longlora_jax.benchmarks import attention, longest, train_step
+from longlora_jax.benchmarks import attention, longest, quant, train_step
 from longlora_jax.cli import parse
 
 
@@ -57,3 +57,21 @@ def test_longest_context_trials_run_in_watched_subprocesses(tmp_path):
     (row,) = longest.run(config)
     assert row["longest N"] is None and row["first N that failed"] == 128
     assert row["how it failed"] == "killed: over 0.05 GB"
+
+
+def test_quant_bench_counts_codes_scales_and_float_bytes(tmp_path):
+    """Each scheme loaded in its own process; the bytes are exact for the tiny preset (every
+    projection has 64 or 128 input rows): int8 = a byte per weight + an fp32 scale per output
+    column; int4 = half a byte + an fp32 scale per 64 rows and column = 1/8 + 1/64 of fp32."""
+    out = tmp_path / "quant.json"
+    rows = quant.run(parse(SUBCOMMANDS["quant"], [
+        "--model", "preset:tiny", "--dtype", "float32", "--schemes", "none,int8,int4",
+        "--json", str(out)]))
+    assert [row["quantize"] for row in json.loads(out.read_text())["rows"]] == [
+        "none", "int8", "int4"]
+    plain, int8, int4 = rows
+    assert plain["codes MiB"] == plain["scales MiB"] == 0 and plain["frozen / ref"] == 1
+    assert int8["float MiB"] == int4["float MiB"] < plain["float MiB"]
+    assert 0.25 < int8["projections / ref"] <= 0.25 + 1 / 64
+    assert int4["projections / ref"] == pytest.approx(1 / 8 + 1 / 64)
+    assert int4["codes MiB"] == pytest.approx(int8["codes MiB"] / 2)
