@@ -97,7 +97,9 @@ def scatter_plot(points: Mapping[str, tuple[float, float]], path: str | pathlib.
         ax.scatter([x], [y], label=name, color=style["color"], marker=style["marker"], s=40)
     if log_x:
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
     _legend(ax, len(points))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
