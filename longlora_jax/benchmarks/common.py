@@ -38,18 +38,28 @@ def timing_config(*, max_seconds: float) -> ml_collections.ConfigDict:
 
 def time_round_robin(variants: Sequence[Variant], config: ml_collections.ConfigDict) -> None:
     """Warm-up run(s), then `repeats` rounds over all variants; after its first timed run, a
-    variant whose runs took `max_seconds` sits the remaining rounds out."""
+    variant whose runs took `max_seconds` sits the remaining rounds out. A variant that runs
+    out of device memory (XLA's RESOURCE_EXHAUSTED) is marked skipped and not run again."""
 
     def timed_run(v: Variant) -> float:
         start = time.perf_counter()
-        v.run()
+        try:
+            v.run()
+        except jax.errors.JaxRuntimeError as e:  # out of memory is a result, not a crash
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            v.run, v.skipped = None, "out of memory"
+            return 0.0
         return time.perf_counter() - start
 
-    warm = {v.name: [timed_run(v) for _ in range(config.warmup)] for v in variants}
+    warm = {v.name: [timed_run(v) for _ in range(config.warmup) if v.run] for v in variants}
     for _ in range(config.repeats):
         for v in variants:
-            if sum(v.seconds) + sum(warm[v.name]) < config.max_seconds or not v.seconds:
-                v.seconds.append(timed_run(v))
+            if v.run and (sum(v.seconds) + sum(warm[v.name]) < config.max_seconds
+                          or not v.seconds):
+                seconds = timed_run(v)
+                if v.run:
+                    v.seconds.append(seconds)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -141,19 +141,23 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             variants.append(peer_step(n, config))
         time_round_robin(variants, config)
         row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.remat}
+        best = {v.name: min(v.seconds) if v.seconds else None for v in variants}
         for v in variants:
-            row[f"{v.name} s/step"] = min(v.seconds)
-            row[f"{v.name} tokens/s"] = n / min(v.seconds)
-        if config.torch:
-            row["speedup"] = min(variants[-1].seconds) / min(variants[0].seconds)
+            row[f"{v.name} s/step"] = best[v.name] or v.skipped
+            row[f"{v.name} tokens/s"] = n / best[v.name] if best[v.name] else None
+        ours = best[variants[0].name]
+        if config.torch and ours and best[variants[-1].name]:
+            row["speedup"] = best[variants[-1].name] / ours
         for q, v in zip(config.quantize, variants[1:], strict=False):
-            row[f"{q}/plain"] = min(v.seconds) / min(variants[0].seconds)
+            if ours and best[v.name]:
+                row[f"{q}/plain"] = best[v.name] / ours
         flops = model_flops(smollm2_shape(n, config.layers, config.remat, config.group_ratio),
                             tokens=n, seq_len=n, mode="lora_plus")
         row["model GFLOP/step"] = flops / 1e9
-        row["GFLOP/s"] = flops / min(variants[0].seconds) / 1e9
         row["XLA matmul GFLOP/s"] = roof / 1e9
-        row["efficiency"] = flops / min(variants[0].seconds) / roof
+        if ours:
+            row["GFLOP/s"] = flops / ours / 1e9
+            row["efficiency"] = flops / ours / roof
         rows.append(row)
         print(f"done N={n}", flush=True)
     meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
