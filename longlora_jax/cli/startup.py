@@ -4,7 +4,8 @@ With libtpu installed (the test requirements, or a TPU image) on a machine witho
 JAX's TPU plugin probes for TPU workers and prints libtpu's errors before falling back to the
 CPU. When no TPU chip is on the PCI bus, `quiet_accelerator_probing` describes this host as a
 one-host topology of its own (`TPU_WORKER_HOSTNAMES=localhost`, `TPU_HOST_BOUNDS=1,1,1`, only
-where unset): the plugin then finds no chip without a word. A TPU VM is left untouched.
+where unset): the plugin then finds no chip without a word; and it lets several such
+processes load libtpu at once (`ALLOW_MULTIPLE_LIBTPU_LOAD`). A TPU VM is left untouched.
 """
 
 from __future__ import annotations
@@ -38,3 +39,6 @@ def quiet_accelerator_probing() -> None:
         return
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+    # libtpu's lock file guards chips; without any, it only stops a second JAX process
+    # (an `aot` compile beside a training run) from starting
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
