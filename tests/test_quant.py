@@ -377,5 +377,5 @@ def test_evaluate_refuses_unknown_quantize(capsys):
     code = run_command(evaluate_command.COMMAND, ["--model", "preset:tiny",
                                                   "--config.quantize=int5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: quantize='int5'; valid: auto, none, int8, int4"]
+    assert code == 2 and err == ["error: quantize='int5'; valid: auto, none, int8, int4, nf4"]
 
