@@ -23,8 +23,10 @@ TINY_FAST = [
 ]
 
 
-def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 900) -> str:
-    """Runs `code` in a fresh interpreter with `devices` fake CPU devices; returns its stdout.
+def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 900,
+               argv: list[str] | None = None) -> str:
+    """Runs `code` (with `argv` as sys.argv[1:]) in a fresh interpreter with `devices` fake
+    CPU devices; returns its stdout.
 
     Use for anything that needs XLA flags set before jax is imported (fake multi-device
     meshes, TPU ahead-of-time compilation). Fails the test with the child's stderr.
@@ -35,12 +37,33 @@ def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout:
     child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
     child_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *(argv or [])],
         capture_output=True, text=True, env=child_env, timeout=timeout, cwd=REPO_ROOT,
     )
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+def losses_on_one_and_eight_devices(*overrides: str) -> tuple[list[float], list[float]]:
+    """Per-step losses of 3 steps of the tiny config with `overrides`, trained on one device
+    and on 8 fake devices (data 2 x fsdp 2 x sequence 2), each in a fresh interpreter."""
+    code = """
+    import json, pathlib, sys, tempfile
+    from longlora_jax.training.loop import train
+    from tests.helpers import train_config
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    config = train_config("configs/tiny_cpu.py", *json.loads(sys.argv[1]))
+    train(config, workdir)
+    print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
+                      .splitlines()]))
+    """
+    common = [*overrides, "--config.max_steps=3", "--config.checkpoint.every=0"]
+    meshes = {1: ["--config.mesh.data=1"],
+              8: ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=2"]}
+    one, eight = (json.loads(run_python(code, devices=devices, argv=[json.dumps(common + mesh)])
+                             .splitlines()[-1]) for devices, mesh in meshes.items())
+    return one, eight
 
 
 def train_config(config_file: str, *overrides: str):

@@ -32,7 +32,7 @@ from longlora_jax.io.hf import load_pretrained
 from longlora_jax.io.run import load_model, load_run
 from longlora_jax.modeling import quant
 from longlora_jax.training.config import model_config
-from tests.helpers import REPO_ROOT, run_python, train_config
+from tests.helpers import REPO_ROOT, losses_on_one_and_eight_devices, run_python, train_config
 from tests.test_gguf import write_gguf
 from tests.test_model_vs_hf import hf_logits, random_hf_model, tokens
 
@@ -293,23 +293,8 @@ def test_quantized_loading_shards_codes_and_scales_like_their_weights(ckpt):
 def test_quantized_train_step_sharded_equals_unsharded():
     """Three steps of the tiny config with an int4 base: 8 fake devices (data 2 x fsdp 2 x
     sequence 2) give the losses of one device, and the losses fall."""
-    code = """
-    import json, pathlib, tempfile
-    from longlora_jax.training.loop import train
-    from tests.helpers import train_config
-    workdir = pathlib.Path(tempfile.mkdtemp())
-    config = train_config("configs/tiny_cpu.py", *{fast}, "--config.max_steps=3",
-                          "--config.model.quantize=int4", "--config.checkpoint.every=0",
-                          "--config.optim.lr=3e-3", *{mesh})
-    train(config, workdir)
-    print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
-                      .splitlines()]))
-    """
-    single = ["--config.mesh.data=1"]
-    multi = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=2"]
-    one = json.loads(run_python(code.format(fast=FAST, mesh=single)).splitlines()[-1])
-    eight = json.loads(run_python(code.format(fast=FAST, mesh=multi), devices=8)
-                       .splitlines()[-1])
+    one, eight = losses_on_one_and_eight_devices(*FAST, "--config.model.quantize=int4",
+                                                 "--config.optim.lr=3e-3")
     assert len(one) == len(eight) == 3 and one[-1] < one[0]
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
 

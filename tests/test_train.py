@@ -18,7 +18,12 @@ from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
-from tests.helpers import REPO_ROOT, run_python, tensorboard_scalars, train_cli
+from tests.helpers import (
+    REPO_ROOT,
+    losses_on_one_and_eight_devices,
+    tensorboard_scalars,
+    train_cli,
+)
 from tests.helpers import TINY_CONFIG as CONFIG
 from tests.helpers import TINY_FAST as FAST
 from tests.helpers import logged_losses as _losses
@@ -147,22 +152,8 @@ def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
 
 
 def test_sharded_equals_unsharded():
-    code = """
-    import json, pathlib, sys, tempfile
-    from longlora_jax.training.loop import train
-    from tests.helpers import train_config
-    workdir = pathlib.Path(tempfile.mkdtemp())
-    config = train_config("configs/tiny_cpu.py", *{fast}, "--config.max_steps=3",
-                          "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4",
-                          "--config.checkpoint.every=0", *{mesh})
-    train(config, workdir)
-    print(json.dumps([json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text()
-                      .splitlines()]))
-    """
-    single = ["--config.mesh.data=1"]
-    multi = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=2"]
-    one = json.loads(run_python(code.format(fast=FAST, mesh=single), devices=1).splitlines()[-1])
-    eight = json.loads(run_python(code.format(fast=FAST, mesh=multi), devices=8).splitlines()[-1])
+    one, eight = losses_on_one_and_eight_devices(
+        *FAST, "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4")
     assert len(one) == len(eight) == 3
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
 
