@@ -44,6 +44,7 @@ class EvalSchedule:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> EvalSchedule:
+        """The schedule of a training config."""
         return cls(before=bool(config.eval.before), after=bool(config.eval.after),
                    every=int(config.eval.every or 0), max_steps=config.max_steps)
 
@@ -153,6 +154,7 @@ class StepLog:
         self.last: dict[str, float] = {}
 
     def record(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Logs `step`'s metrics (host floats; `loss` and `tokens` among them)."""
         now = time.perf_counter()
         metrics = {**metrics, "tokens_per_sec": metrics["tokens"] / max(now - self._t_last, 1e-9),
                    "step_time": now - self._t_last}
