@@ -1,3 +1,3 @@
 """Training: the run config (`config`) and the paper's recipes (`recipes`), the optimizer
 (`optim`), the jitted sharded step (`step`), checkpoints (`checkpoint`), metrics (`metrics`),
-the run loop (`loop`) and the ahead-of-time fit report (`fit`)."""
+one writer per workdir (`lock`), the run loop (`loop`) and the ahead-of-time fit report (`fit`)."""
