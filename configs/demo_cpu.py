@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (offline GGUF asset, 8k context) fine-tuned with S2-Attn (
 LoRA+ at 2048 tokens on five Jane Austen novels (offline Debian package), 20 steps; held-out
 perplexity on the sixth novel with full attention before and after.
 
-Positions are interpolated 4x (linear PI, rope.factor 4: what extending SmolLM2 from 8k to 32k
+Positions are interpolated 4x (rope.scaling "linear:4": what extending SmolLM2 from 8k to 32k
 uses). Training at 2048 tokens keeps the demo on a laptop; what it shows is the adaptation to
 interpolated positions that LongLoRA fine-tuning buys: the base model with PI x4 and no
 training is far worse than without PI (ppl 155 vs 31), and 20 steps win much of it back.
@@ -23,7 +23,7 @@ def get_config():
     c.model.remat = "none"  # 135M params at 2k tokens fit easily; skip the recompute
     c.model.scan = True
     c.seq_len = 2048
-    c.rope.factor = 4.0  # linear position interpolation, as for 8k -> 32k
+    c.rope.scaling = "linear:4"  # linear position interpolation, as for 8k -> 32k
     c.attention.train = "s2"
     c.attention.group_size = 512
     c.lora.mode = "lora_plus"

@@ -4,7 +4,7 @@
         --config.model.base=hf:Mistral-7B-v0.1
     python -m longlora_jax.aot --config configs/mistral_7b_32k.py          # its slice: v4-8
 
-Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"sequence": 4},
+Variants (see `longlora_jax.training.recipes`): "tpu" (default) TPU v4-8, mesh {"sequence": 4},
 micro-batch 1; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8}, micro-batch 8.
 Global batch 64 either way (gradient accumulation).
 

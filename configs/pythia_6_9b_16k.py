@@ -4,7 +4,7 @@
         --config.model.base=hf:pythia-6.9b
     python -m longlora_jax.aot --config configs/pythia_6_9b_16k.py          # its slice: v4-8
 
-Variants (see `longlora_jax.recipes`): "tpu" (default) TPU v4-8, mesh {"fsdp": 4},
+Variants (see `longlora_jax.training.recipes`): "tpu" (default) TPU v4-8, mesh {"fsdp": 4},
 micro-batch 4; "gpu" one 8-GPU node (A100/H100-80GB), mesh {"fsdp": 8}, micro-batch 8.
 Global batch 64 either way (gradient accumulation).
 

@@ -3,7 +3,8 @@
     from longlora_jax import LlamaConfig, LlamaForCausalLM, build_model
 
 The package root holds the commands (`python -m longlora_jax.train|evaluate|generate|export|
-aot|bench|assets`); the library lives in its layers (README, "Layout").
+aot|bench|assets|miniature`), the error family every command reports in (`errors`) and these
+public names; the library lives in its layers (README, "Layout").
 """
 
 import os

@@ -11,7 +11,7 @@ not fit ends with `error: does not fit: ...` and exit status 1 (after writing th
 import sys
 
 from longlora_jax.cli import Command, run_command
-from longlora_jax.training.config import default_config
+from longlora_jax.training.config import ALIASES, RENAMED, default_config
 from longlora_jax.training.fit import fit_report, not_fitting_message, report_table
 
 
@@ -27,8 +27,9 @@ def _run(config) -> int:
 
 
 COMMAND = Command("aot", __doc__, _run, default_config=default_config,
-                  aliases={"topology": "aot.topology", "json": "aot.json",
-                           "compare_full": "aot.compare_full", "table": "aot.table"})
+                  aliases={**ALIASES, "topology": "aot.topology", "json": "aot.json",
+                           "compare_full": "aot.compare_full", "table": "aot.table"},
+                  renamed=RENAMED)
 
 if __name__ == "__main__":
     sys.exit(run_command(COMMAND))

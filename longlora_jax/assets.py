@@ -7,15 +7,9 @@ Fetches the offline default assets into the cache (`$LONGLORA_JAX_CACHE`, defaul
 
 import sys
 
-import ml_collections
-
 from longlora_jax.cli import Command, dispatch
-from longlora_jax.data.assets import ASSET_NAMES, asset_path, fetch
+from longlora_jax.data.assets import ASSET_NAMES, asset_path, default_config, fetch
 from longlora_jax.errors import ConfigError
-
-
-def _config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name=""))
 
 
 def _names(name: str) -> tuple[str, ...]:
@@ -46,9 +40,9 @@ def _path(config) -> int:
 
 
 SUBCOMMANDS = {
-    "fetch": Command("assets fetch", __doc__, _fetch, default_config=_config,
+    "fetch": Command("assets fetch", __doc__, _fetch, default_config=default_config,
                      positional=("name",), required=("name",)),
-    "path": Command("assets path", __doc__, _path, default_config=_config,
+    "path": Command("assets path", __doc__, _path, default_config=default_config,
                     positional=("name",), required=("name",)),
 }
 

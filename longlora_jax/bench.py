@@ -18,16 +18,17 @@ from longlora_jax.benchmarks import attention, longest, quant, train_step
 from longlora_jax.cli import Command, dispatch
 
 
-def _command(name, module) -> Command:
+def _command(name, module, renamed=()) -> Command:
     def run(config) -> int:
         module.run(config)  # prints (and with --json writes) its table
         return 0
 
-    return Command(f"bench {name}", module.__doc__, run, default_config=module.default_config)
+    return Command(f"bench {name}", module.__doc__, run, default_config=module.default_config,
+                   renamed=renamed)
 
 
-SUBCOMMANDS = {"attention": _command("attention", attention),
-               "train": _command("train", train_step),
+SUBCOMMANDS = {"attention": _command("attention", attention, attention.RENAMED),
+               "train": _command("train", train_step, train_step.RENAMED),
                "longest": _command("longest", longest),
                "quant": _command("quant", quant)}
 

@@ -14,7 +14,7 @@ hf:DIR | gguf:FILE | preset:NAME. The keys are documented in
 import sys
 
 from longlora_jax.cli import Command, run_command
-from longlora_jax.evaluation.compare import default_config, evaluate
+from longlora_jax.evaluation.compare import ALIASES, RENAMED, default_config, evaluate
 
 
 def _run(config) -> int:
@@ -22,8 +22,8 @@ def _run(config) -> int:
     return 0
 
 
-COMMAND = Command("evaluate", __doc__, _run, default_config=default_config,
-                  aliases={"model": "models", "data": "data.source"})
+COMMAND = Command("evaluate", __doc__, _run, default_config=default_config, aliases=ALIASES,
+                  renamed=RENAMED)
 
 if __name__ == "__main__":
     sys.exit(run_command(COMMAND))

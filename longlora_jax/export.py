@@ -2,22 +2,13 @@
 
 Turns a training run into a merged HF checkpoint (adapters folded in; transformers loads it)
 or a PEFT LoRA adapter (LoRA+ embeddings and norms as `modules_to_save`), see
-`longlora_jax.io.export`. Keys: workdir, out, format, step (-1 = newest), mode (peft: what
-trained, "" = the run's own), dtype (merged: storage dtype, "" = the frozen kernels'),
-overwrite (replace a non-empty out).
+`longlora_jax.io.export`. The keys are documented in `longlora_jax.io.export.default_config`.
 """
 
 import sys
 
-import ml_collections
-
 from longlora_jax.cli import Command, run_command
-from longlora_jax.io.export import export_run
-
-
-def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(workdir="", out="", format="merged", step=-1, mode="",
-                                          dtype="", overwrite=False))
+from longlora_jax.io.export import default_config, export_run
 
 
 def _run(config) -> int:

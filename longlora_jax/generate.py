@@ -13,7 +13,7 @@ The keys are documented in `longlora_jax.inference.chat.default_config`. As a li
 import sys
 
 from longlora_jax.cli import Command, run_command
-from longlora_jax.inference.chat import answer, default_config
+from longlora_jax.inference.chat import ALIASES, RENAMED, answer, default_config
 from longlora_jax.inference.decode import generate
 
 
@@ -22,7 +22,8 @@ def _run(config) -> int:
     return 0
 
 
-COMMAND = Command("generate", __doc__, _run, default_config=default_config)
+COMMAND = Command("generate", __doc__, _run, default_config=default_config, aliases=ALIASES,
+                  renamed=RENAMED)
 
 __all__ = ["COMMAND", "generate"]
 

@@ -3,21 +3,13 @@
 The paper in miniature on a CPU: a small LLaMA pretrained here at a short context, extended 8x
 with position interpolation by each fine-tuning variant (full, LoRA, LoRA+; full, S2 and short
 attention), measured on held-out text and for cost (`longlora_jax.experiments.miniature`).
-Keys: out (report directory), workdir (runs; the pretrained base is cached there), quick (toy
-sizes, the same code end to end).
+The keys are documented in `longlora_jax.experiments.miniature.default_config`.
 """
 
 import sys
 
-import ml_collections
-
 from longlora_jax.cli import Command, run_command
-from longlora_jax.experiments.miniature import MINIATURE, QUICK, run_miniature
-
-
-def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(out="docs/miniature", workdir="runs/miniature",
-                                          quick=False))
+from longlora_jax.experiments.miniature import MINIATURE, QUICK, default_config, run_miniature
 
 
 def _run(config) -> int:

@@ -10,6 +10,7 @@ import sys
 
 from longlora_jax.cli import Command, run_command
 from longlora_jax.parallel.distributed import maybe_initialize
+from longlora_jax.training.config import ALIASES, RENAMED
 from longlora_jax.training.loop import train
 
 
@@ -19,7 +20,8 @@ def _run(config) -> int:
     return 0
 
 
-COMMAND = Command("train", __doc__, _run, required=("workdir",))
+COMMAND = Command("train", __doc__, _run, aliases=ALIASES, required=("workdir",),
+                  renamed=RENAMED)
 
 if __name__ == "__main__":
     sys.exit(run_command(COMMAND))

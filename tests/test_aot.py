@@ -145,10 +145,10 @@ def test_model_flops_match_xla_cost_analysis(attention, preset):
     config.model.overrides = {"hidden_size": 256, "intermediate_size": 512,
                               "num_attention_heads": 4, "vocab_size": 512,
                               "max_position_embeddings": 512, **overrides}
-    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.parallel.mesh import make_mesh
     from longlora_jax.training.config import build_setup
 
-    setup, _, batch = build_setup(config, sharding.make_mesh({"data": 1}))
+    setup, _, batch = build_setup(config, make_mesh({"data": 1}))
     xla = setup.lower(batch, 512).compile().cost_analysis()["flops"]
     counted = fit.model_flops(setup.model.cfg, tokens=batch * 512, seq_len=512,
                               mode="lora_plus")
@@ -344,12 +344,12 @@ def test_mesh_over_irregular_tpu_devices_warns_and_uses_id_order():
     still built (in id order) and a warning says so."""
     out = run_python("""
     import warnings
-    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.parallel.mesh import make_mesh
     from longlora_jax.parallel.topology import parse_topology, topology_devices
     devices = topology_devices(parse_topology("v4-16"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mesh = sharding.make_mesh({"data": 3}, devices=devices[1:4])
+        mesh = make_mesh({"data": 3}, devices=devices[1:4])
     print([d.id for d in mesh.devices.flat], [str(w.message) for w in caught])
     """)
     assert "[1, 2, 3]" in out and "devices placed in id order" in out

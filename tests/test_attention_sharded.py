@@ -11,11 +11,12 @@ _STANDALONE = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax.parallel import mesh as sharding, rules
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention
 
-mesh = sharding.make_mesh({"data": 2, "sequence": 4})
+mesh = make_mesh({"data": 2, "sequence": 4})
 rng = np.random.default_rng(0)
 b, n, hq, hkv, d, g = 2, 128, 6, 2, 8, 16
 q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for h in (hq, hkv, hkv))
@@ -42,7 +43,7 @@ for wrap in (False, True):
                 for op in ("collective-permute", "all-gather", "all-to-all")},
     }
 # Data + tensor parallel, N=120 not a multiple of G: per-device loops, padding inside.
-dp_mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+dp_mesh = make_mesh({"data": 4, "tensor": 2})
 qp, kp, vp = (jnp.asarray(rng.standard_normal((4, 120, h, d)), jnp.float32) for h in (hq, hkv, hkv))
 fwd = jax.jit(lambda q, k, v: attention.s2_attention(q, k, v, group_size=g, wrap=True))
 with rules.activate(dp_mesh):
@@ -61,7 +62,8 @@ _MODEL = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax.parallel import mesh as sharding, rules
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
 
@@ -73,7 +75,7 @@ boxed = model.init(jax.random.key(0), ids[:, :8])["params"]
 params = jax.tree.map(lambda x: x.unbox(), boxed, is_leaf=lambda x: hasattr(x, "unbox"))
 fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, train=True))
 want = fn(params, ids)
-mesh = sharding.make_mesh({"data": 2, "sequence": 4})
+mesh = make_mesh({"data": 2, "sequence": 4})
 p = jax.device_put(params, rules.tree_shardings(mesh, {"params": boxed})["params"])
 ids_s = jax.device_put(ids, NamedSharding(mesh, P(("data", "fsdp"), "sequence")))
 with rules.activate(mesh):

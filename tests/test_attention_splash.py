@@ -71,7 +71,8 @@ import json
 import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax.parallel import mesh as sharding, rules
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.modeling import attention
 
 topo = topologies.get_topology_desc("v4:2x2x1", "tpu")
@@ -80,7 +81,7 @@ cases = (("data", {"data": 8}, 2048, (9, 3)),
          ("sequence", {"data": 2, "sequence": 4}, 1024, (9, 3)),
          ("tensor", {"data": 2, "tensor": 4}, 2048, (8, 4)))
 for name, shape, n, (hq, hkv) in cases:
-    mesh = sharding.make_mesh(shape, devices=topo.devices)
+    mesh = make_mesh(shape, devices=topo.devices)
     spec = NamedSharding(mesh, P(("data", "fsdp"), "sequence", "tensor"))
     args = [jax.ShapeDtypeStruct((8, n, h, 64), jnp.bfloat16, sharding=spec)
             for h in (hq, hkv, hkv)]
@@ -112,10 +113,11 @@ _HEAD_SHARDED = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from longlora_jax.parallel import mesh as sharding, rules
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.modeling import attention
 
-mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+mesh = make_mesh({"data": 2, "tensor": 4})
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.standard_normal((2, 96, h, 16)), jnp.float32) for h in (8, 4, 4))
 w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)

@@ -113,7 +113,8 @@ def test_sequence_sharded_perplexity_equals_unsharded(tiny_checkpoint):
 
 # ------------------------------------------------------------------------------ CLI
 
-TINY = ["--model", "preset:tiny", "--data", "offline_essays", "--max-windows", "1"]
+TINY = ["--model", "preset:tiny", "--data", "offline_essays",
+        "--config.eval.max_windows=1"]
 
 
 def run_cli(capsys, *argv):
@@ -153,7 +154,7 @@ def test_cli_writes_tables_and_plots(capsys, tmp_path):
     (["--lengths", "128", "--rope", "linear:0.5"], "rope 'linear:0.5'"),
     (["--lengths", "128", "--rope", "none"], "rope 'none'; valid: base | default"),
     (["--lengths", "12a"], "config key lengths: '12a' is not an integer"),
-    (["--lengths", "128", "--protocol", "sliding"], "protocol='sliding'"),
+    (["--lengths", "128", "--config.eval.protocol=sliding"], "eval.protocol='sliding'"),
     (["--lengths", "64", "--passkey", "1", "--perplexity=false"], "shorter than the prompt"),
     (["--lengths", "64", "--max-windws", "2"], "unknown option --max-windws"),
 ])
@@ -173,8 +174,8 @@ def test_cli_beyond_context_needs_the_flag(capsys):
 def test_cli_evaluates_s2_and_short_attention(capsys, tmp_path):
     """The paper's Table 1 pilot: the same model under full, S2 and short attention."""
     out = tmp_path / "eval"
-    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "256", "--attention",
-                                "full,s2,short", "--out", str(out))
+    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "256",
+                                "--config.attention.eval=full,s2,short", "--out", str(out))
     assert code == 0, err
     models = json.loads((out / "results.json").read_text())["models"]
     assert [m["attention"] for m in models] == ["full", "s2", "short"]
@@ -232,7 +233,7 @@ def test_workdir_model_applies_the_trained_adapters(capsys, tmp_path):
     train(config, workdir)
     out = tmp_path / "eval"
     code, _, err = run_cli(capsys, "--model", str(workdir), "--data", "offline_essays",
-                           "--lengths", "128", "--max-windows", "2", "--out", str(out))
+                           "--lengths", "128", "--config.eval.max_windows=2", "--out", str(out))
     assert code == 0, err
     ppl_cli = json.loads((out / "results.json").read_text())["models"][0]["perplexity"]["128"]
 

@@ -257,8 +257,9 @@ def test_sharded_equals_unsharded_for_each_family():
         from jax.sharding import NamedSharding, PartitionSpec as P
         jax.config.update("jax_default_matmul_precision", "highest")
         from longlora_jax import LlamaConfig, build_model
-        from longlora_jax.parallel import mesh as sharding, rules
-        mesh = sharding.make_mesh({"data": 2, "sequence": 2, "tensor": 2})
+        from longlora_jax.parallel import rules
+        from longlora_jax.parallel.mesh import make_mesh
+        mesh = make_mesh({"data": 2, "sequence": 2, "tensor": 2})
         ids = np.random.default_rng(0).integers(0, 512, (2, 64)).astype(np.int32)
         errs = {}
         for preset in ("tiny-mistral", "tiny-qwen2", "tiny-gpt-neox"):

@@ -1,8 +1,9 @@
 """The package's layers import only downwards, and every command speaks the same error language.
 
 Walks every module's imports (module level and inside functions) with `ast`: a module may
-import its own layer and the layers listed before it, never one after. The package root holds
-the commands (which may import anything), `errors` and the public names.
+import its own layer and the layers listed before it, never one after, and the modules of one
+layer import each other without a cycle. The package root holds the commands (which may
+import anything), `errors` and the public names.
 """
 
 import ast
@@ -24,10 +25,20 @@ COMMANDS = ("train", "evaluate", "generate", "export", "aot", "bench", "assets",
 LAZY_OK = {"torch", "peft", "transformers"}
 
 
-def _modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).with_suffix("")
-        yield ".".join(("longlora_jax", *rel.parts)).removesuffix(".__init__"), path
+def _modules(package: pathlib.Path = PACKAGE) -> list[tuple[str, pathlib.Path]]:
+    """(module name, path) of every module of the package; fails when it finds none."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).with_suffix("")
+        found.append((".".join(("longlora_jax", *rel.parts)).removesuffix(".__init__"), path))
+    assert found, f"no modules found under {package}: the layer checks would check nothing"
+    return found
+
+
+def _is_module(name: str) -> bool:
+    """Whether `name` (longlora_jax.a.b) is a module or package of the project."""
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def _layer(module: str) -> str:
@@ -54,9 +65,9 @@ def _imports(path: pathlib.Path, module: str):
                 base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
                                 + ([base] if base else []))
             for alias in node.names:
-                # `from longlora_jax import x` imports the module longlora_jax.x when x is one
-                name = f"{base}.{alias.name}" if base == "longlora_jax" else base
-                yield name, node.lineno, local
+                # `from package import x` imports the module package.x when x is one
+                name = f"{base}.{alias.name}"
+                yield (name if _is_module(name) else base), node.lineno, local
 
 
 def test_every_module_is_in_a_layer():
@@ -67,6 +78,21 @@ def test_every_module_is_in_a_layer():
         assert layer in LAYERS or layer in COMMANDS, f"{module} is in no layer"
 
 
+def _project_imports(module: str, path: pathlib.Path):
+    """(imported project module, line, inside a function) for every import of the project."""
+    return [(imported, line, local) for imported, line, local in _imports(path, module)
+            if imported == "longlora_jax" or imported.startswith("longlora_jax.")]
+
+
+def test_every_import_names_a_module():
+    """An import of a project module that does not exist (a stale path) is a readable failure."""
+    unknown = [f"{path.relative_to(REPO_ROOT)}:{line} imports {imported}, which is no module "
+               "of the package" for module, path in _modules()
+               for imported, line, _ in _project_imports(module, path)
+               if not _is_module(imported)]
+    assert not unknown, "\n".join(unknown)
+
+
 def test_layers_import_only_downwards():
     rank = {name: i for i, name in enumerate(LAYERS)}
     bad = []
@@ -74,22 +100,69 @@ def test_layers_import_only_downwards():
         layer = _layer(module)
         if layer in COMMANDS or module == "longlora_jax":
             continue  # commands and the package's public names sit on top
-        for imported, line, _ in _imports(path, module):
-            if not imported.startswith("longlora_jax"):
-                continue
+        for imported, line, _ in _project_imports(module, path):
             target = _layer(imported)
-            if target in COMMANDS or target == "root" or rank[target] > rank[layer]:
-                bad.append(f"{path.relative_to(REPO_ROOT)}:{line} ({layer}) imports "
-                           f"{imported} ({target})")
+            where = f"{path.relative_to(REPO_ROOT)}:{line} ({layer}) imports {imported}"
+            if target not in rank:
+                bad.append(f"{where}, which is in no layer below the commands ({target})")
+            elif rank[target] > rank[layer]:
+                bad.append(f"{where} ({target}, a higher layer)")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (module -> modules it imports), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_inside_a_layer():
+    graph: dict[str, set[str]] = {}
+    for module, path in _modules():
+        graph[module] = {imported for imported, _, local in _project_imports(module, path)
+                         if not local and imported != module
+                         and _layer(imported) == _layer(module) != "root"}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_stale_import_path_is_no_module():
+    assert _is_module("longlora_jax.parallel.mesh") and _is_module("longlora_jax.cli")
+    assert not _is_module("longlora_jax.sharding")
+
+
+def test_the_module_walk_fails_on_an_empty_package(tmp_path):
+    with pytest.raises(AssertionError, match="no modules found"):
+        _modules(tmp_path)
 
 
 def test_public_names_come_from_low_layers():
     """`import longlora_jax` loads the model layer, not training or the commands."""
     rank = {name: i for i, name in enumerate(LAYERS)}
-    for imported, _, _ in _imports(PACKAGE / "__init__.py", "longlora_jax"):
-        if imported.startswith("longlora_jax."):
-            assert rank[_layer(imported)] <= rank["modeling"], imported
+    for imported, _, _ in _project_imports("longlora_jax", PACKAGE / "__init__.py"):
+        assert rank.get(_layer(imported), len(LAYERS)) <= rank["modeling"], imported
 
 
 def test_no_function_local_imports():

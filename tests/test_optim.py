@@ -184,7 +184,7 @@ def compiled_step_memory(mode: str, devices, *, layers: int, frozen_dtype: str,
     remat, compute in `dtype`), compiled on abstract inputs only: nothing is allocated.
     Trainable leaves fp32, frozen ones `frozen_dtype`; "full" is full fine-tuning (no LoRA).
     """
-    from longlora_jax.parallel import mesh as sharding
+    from longlora_jax.parallel.mesh import make_mesh
     from longlora_jax.training.step import StepOptions, build_train_setup
 
     cfg = LlamaConfig.preset(
@@ -192,7 +192,7 @@ def compiled_step_memory(mode: str, devices, *, layers: int, frozen_dtype: str,
         dtype=dtype, lora_rank=0 if mode == "full" else 8,
     )
     setup = build_train_setup(
-        LlamaForCausalLM(cfg), sharding.make_mesh(devices=devices), mode=mode,
+        LlamaForCausalLM(cfg), make_mesh(devices=devices), mode=mode,
         optim_cfg=default_optim_config(), options=StepOptions(loss_chunk=256),
         frozen_dtype=frozen_dtype,
     )

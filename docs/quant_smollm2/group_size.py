@@ -15,4 +15,4 @@ from longlora_jax.cli import run_command
 quant.GROUP = int(sys.argv[1])
 sys.exit(run_command(evaluate.COMMAND, [
     "--model", "smollm2", "--lengths", "2048", "--quantize", sys.argv[2], "--data",
-    "offline_all", "--max-windows", "8", "--out", f"runs/quant_group_{sys.argv[1]}"]))
+    "offline_all", "--config.eval.max_windows=8", "--out", f"runs/quant_group_{sys.argv[1]}"]))

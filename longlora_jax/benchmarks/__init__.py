@@ -1,2 +1,4 @@
-"""Benchmarks, measured side by side in one process: attention kernels (`attention`) and the
-train step against transformers + PEFT (`train_step`); shared timing in `common`."""
+"""Benchmarks, measured side by side in one process: attention kernels (`attention`), the
+train step against transformers + PEFT (`train_step`), the memory of a quantized base
+(`quant`) and the longest trainable context (`longest`); shared timing in `common`.
+"""

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from longlora_jax.cli.renames import Renamed
+
 
 @dataclasses.dataclass
 class Variant:
@@ -29,16 +31,20 @@ class Variant:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def timing_config(*, max_seconds: float) -> ml_collections.ConfigDict:
-    """repeats (timed runs; the min is reported), warmup, max_seconds (a variant whose runs
+# Retired spellings of the timing settings, accepted (with a warning) until the next release.
+TIMING_RENAMED = (Renamed("max_seconds", "timeout_s"),)
+
+
+def timing_config(*, timeout_s: float) -> ml_collections.ConfigDict:
+    """repeats (timed runs; the min is reported), warmup, timeout_s (a variant whose runs
     took this long sits the remaining rounds out), torch (time the PyTorch peer), json."""
-    return ml_collections.ConfigDict(dict(repeats=3, warmup=1, max_seconds=max_seconds,
+    return ml_collections.ConfigDict(dict(repeats=3, warmup=1, timeout_s=timeout_s,
                                           torch=True, json=""))
 
 
 def time_round_robin(variants: Sequence[Variant], config: ml_collections.ConfigDict) -> None:
     """Warm-up run(s), then `repeats` rounds over all variants; after its first timed run, a
-    variant whose runs took `max_seconds` sits the remaining rounds out. A variant that runs
+    variant whose runs took `timeout_s` sits the remaining rounds out. A variant that runs
     out of device memory (XLA's RESOURCE_EXHAUSTED) is marked skipped and not run again."""
 
     def timed_run(v: Variant) -> float:
@@ -55,7 +61,7 @@ def time_round_robin(variants: Sequence[Variant], config: ml_collections.ConfigD
     warm = {v.name: [timed_run(v) for _ in range(config.warmup) if v.run] for v in variants}
     for _ in range(config.repeats):
         for v in variants:
-            if v.run and (sum(v.seconds) + sum(warm[v.name]) < config.max_seconds
+            if v.run and (sum(v.seconds) + sum(warm[v.name]) < config.timeout_s
                           or not v.seconds):
                 seconds = timed_run(v)
                 if v.run:

@@ -46,8 +46,9 @@ _CHILD = textwrap.dedent("""
 
 def one_step(system: str, n: int, layers: int) -> None:
     """Builds the system's LoRA+ training step at N tokens and runs it once (in a child)."""
-    config = ml_collections.ConfigDict(dict(layers=layers, remat="full", group_ratio=0.25,
-                                            loss_chunk=1024, frozen_dtype="float32"))
+    config = ml_collections.ConfigDict(dict(
+        layers=layers, loss_chunk=1024,
+        model=dict(remat="full", frozen_dtype="float32"), attention=dict(group_size_ratio=0.25)))
     build = train_step.our_step if system == "longlora_jax" else train_step.peer_step
     build(n, config).run()
 

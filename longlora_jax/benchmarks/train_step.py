@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from longlora_jax.benchmarks.common import Variant, report, time_round_robin, timing_config
+from longlora_jax.benchmarks.common import (
+    TIMING_RENAMED,
+    Variant,
+    report,
+    time_round_robin,
+    timing_config,
+)
+from longlora_jax.cli.renames import Renamed
 from longlora_jax.io.base import BaseSpec, init_variables, load_base_params
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
@@ -25,28 +32,31 @@ from longlora_jax.training.fit import model_flops
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, build_train_setup, init_state
 
+# Retired spellings, accepted (with a warning) until the next release.
+RENAMED = (*TIMING_RENAMED, Renamed("group_ratio", "attention.group_size_ratio"),
+           Renamed("remat", "model.remat"), Renamed("frozen_dtype", "model.frozen_dtype"))
+
 
 def default_config() -> ml_collections.ConfigDict:
-    """lengths, layers (SmolLM2-shaped), remat (ours; "none" is the demo's, the peer always
-    checkpoints), group_ratio (G / N), loss_chunk, frozen_dtype (of our frozen base),
-    quantize (schemes of `model.quantize` whose steps are timed beside the plain one), and the
-    timing settings (`common`)."""
-    c = timing_config(max_seconds=120.0)
+    """lengths, layers (SmolLM2-shaped), model.remat (ours; "none" is the demo's, the peer always
+    checkpoints), attention.group_size_ratio (G / N), loss_chunk, model.frozen_dtype (of our
+    frozen base), quantize (schemes of `model.quantize` whose steps are timed beside the
+    plain one), and the timing settings (`common`); model.* and attention.* as training's."""
+    c = timing_config(timeout_s=120.0)
     c.lengths = (2048, 8192)
     c.layers = 4
-    c.remat = "none"
-    c.group_ratio = 0.25
+    c.model = ml_collections.ConfigDict(dict(remat="none", frozen_dtype="float32"))
+    c.attention = ml_collections.ConfigDict(dict(group_size_ratio=0.25))
     c.loss_chunk = 1024
-    c.frozen_dtype = "float32"
     c.quantize = ()  # e.g. int8,int4: our step on a quantized base too, beside the plain one
     return c
 
 
-def smollm2_shape(n: int, layers: int, remat: str, group_ratio: float) -> LlamaConfig:
+def smollm2_shape(n: int, layers: int, remat: str, group_size_ratio: float) -> LlamaConfig:
     """The benchmarked model: SmolLM2-135M's shape (random), S2 at G = ratio x N, LoRA r=8."""
     return LlamaConfig.preset(
         "smollm2-135m", num_hidden_layers=layers, scan_layers=True, remat_policy=remat,
-        attention_train="s2", s2_group_size_ratio=group_ratio, lora_rank=8, lora_alpha=16.0,
+        attention_train="s2", s2_group_size_ratio=group_size_ratio, lora_rank=8, lora_alpha=16.0,
         max_position_embeddings=max(n, 8192),
     )
 
@@ -69,17 +79,17 @@ def matmul_rate() -> float:
 
 def our_step(n: int, config, quantize: str = "none") -> Variant:
     """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape,
-    its frozen base stored as `config.frozen_dtype` or quantized."""
-    cfg = smollm2_shape(n, config.layers, config.remat, config.group_ratio)
+    its frozen base stored as `config.model.frozen_dtype` or quantized."""
+    cfg = smollm2_shape(n, config.layers, config.model.remat, config.attention.group_size_ratio)
     setup = build_train_setup(
         LlamaForCausalLM(cfg.replace(quantize=quantize)), single_device_mesh(),
         mode="lora_plus", optim_cfg=default_optim_config(),
-        options=StepOptions(loss_chunk=config.loss_chunk), frozen_dtype=config.frozen_dtype,
+        options=StepOptions(loss_chunk=config.loss_chunk), frozen_dtype=config.model.frozen_dtype,
     )
     variables = init_variables(LlamaForCausalLM(cfg), setup.variable_shardings,
                                jax.random.key(0), only=("lora",))
     variables["params"] = load_base_params(BaseSpec("preset", "smollm2-135m"),
-                                           setup.model.cfg, seed=0, dtype=config.frozen_dtype,
+                                           setup.model.cfg, seed=0, dtype=config.model.frozen_dtype,
                                            shardings=setup.variable_shardings["params"])
     state, frozen = init_state(setup, variables, jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n + 1), dtype=np.int32)
@@ -140,7 +150,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if config.torch:
             variants.append(peer_step(n, config))
         time_round_robin(variants, config)
-        row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.remat}
+        row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.model.remat}
         best = {v.name: min(v.seconds) if v.seconds else None for v in variants}
         for v in variants:
             row[f"{v.name} s/step"] = best[v.name] or v.skipped
@@ -151,8 +161,9 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         for q, v in zip(config.quantize, variants[1:], strict=False):
             if ours and best[v.name]:
                 row[f"{q}/plain"] = best[v.name] / ours
-        flops = model_flops(smollm2_shape(n, config.layers, config.remat, config.group_ratio),
-                            tokens=n, seq_len=n, mode="lora_plus")
+        shape = smollm2_shape(n, config.layers, config.model.remat,
+                              config.attention.group_size_ratio)
+        flops = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus")
         row["model GFLOP/step"] = flops / 1e9
         row["XLA matmul GFLOP/s"] = roof / 1e9
         if ours:
@@ -160,11 +171,12 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             row["efficiency"] = flops / ours / roof
         rows.append(row)
         print(f"done N={n}", flush=True)
+    ratio = config.attention.group_size_ratio
     meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
-            "mode": "lora_plus r=8", "attention": f"S2 G=N*{config.group_ratio} vs HF SDPA full",
+            "mode": "lora_plus r=8", "attention": f"S2 G=N*{ratio} vs HF SDPA full",
             "timing": "min wall seconds of a full optimizer step, variants interleaved"}
     quantized = [c for q in config.quantize for c in (f"longlora_jax[{q}] s/step", f"{q}/plain")]
-    meta["frozen_dtype"] = config.frozen_dtype
+    meta["frozen_dtype"] = config.model.frozen_dtype
     report(rows, _TRAIN_COLUMNS[:4] + tuple(quantized) + _TRAIN_COLUMNS[4:], config.json, meta)
     return rows
 

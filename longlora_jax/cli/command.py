@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 
-from longlora_jax.cli import overrides, startup
+from longlora_jax.cli import overrides, renames, startup
 from longlora_jax.errors import ConfigError, UserError, first_line
 
 
@@ -37,6 +38,7 @@ class Command:
     positional: config keys that bare words fill, in order.
     aliases: short flag name -> config key, beyond the automatic top-level ones.
     required: keys that must end up non-empty.
+    renamed: retired spellings of keys, still accepted for one release (`cli.renames`).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Command:
     positional: tuple[str, ...] = ()
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     required: tuple[str, ...] = ()
+    renamed: tuple[renames.Renamed, ...] = ()
 
 
 def _help(command: Command, config: ml_collections.ConfigDict | None) -> str:
@@ -97,6 +100,8 @@ def parse(command: Command, argv: Sequence[str]) -> ml_collections.ConfigDict:
         print(_help(command, config))
         raise SystemExit(0)
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's object stays as it was
+    if path is not None:
+        renames.upgrade(config, command.renamed)
     aliases = {k.replace("-", "_"): v for k, v in command.aliases.items()}
     words: list[str] = []
     given: set[str] = set()
@@ -116,8 +121,13 @@ def parse(command: Command, argv: Sequence[str]) -> ml_collections.ConfigDict:
         else:
             key = aliases.get(name.replace("-", "_"), name.replace("-", "_"))
             top = key.split(".")[0]
-            if key == name.replace("-", "_") and (top != key or top not in config):
+            if (key == name.replace("-", "_") and renames.lookup(command.renamed, key) is None
+                    and (top != key or top not in config)):
                 raise ConfigError(f"unknown option --{name}; use --config.KEY=VALUE (see --help)")
+        rename = renames.lookup(command.renamed, key)
+        if rename is not None:
+            renames.warn_renamed(rename.old, rename.new)
+            key = rename.new
         if value is None:
             if _is_bool(config, key):
                 value = "true"
@@ -125,6 +135,8 @@ def parse(command: Command, argv: Sequence[str]) -> ml_collections.ConfigDict:
                 value, i = argv[i], i + 1
             else:
                 raise ConfigError(f"--{name} needs a value")
+        if rename is not None and rename.fold is not None:
+            value = rename.fold(_get(config, key), value)
         overrides.set_key(config, key, value, accumulate=key in given)
         given.add(key)
     if len(words) > len(command.positional):
@@ -163,12 +175,19 @@ def run_command(command: Command, argv: Sequence[str] | None = None) -> int:
     """Parses `argv` (default sys.argv[1:]) and runs the command; returns the exit status."""
     startup.quiet_accelerator_probing()
     try:
-        config = parse(command, sys.argv[1:] if argv is None else argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            config = parse(command, sys.argv[1:] if argv is None else argv)
         check_required(command, config)
         return int(command.run(config) or 0)
     except UserError as err:
         print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
         return 2
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning about the command line as one `warning: ...` line (deprecated keys)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def dispatch(name: str, doc: str, subcommands: Mapping[str, Command],

@@ -1,5 +1,9 @@
-"""Data: sources (offline assets, local text/jsonl via TFDS, TFDS catalog, SFT JSON), packing,
-the grain training pipeline, and evaluation token sources / perplexity windows."""
+"""Data: the data section of a config (`config`), file lists (`paths`), document sources
+(`sources`: offline assets in `assets`, read with `rdata`; local text/jsonl via TFDS in
+`local_tfds`; the TFDS catalog; SFT JSON in `sft`), tokenizers (`tokenizer`), packing
+(`packing`), the grain training pipeline (`pipeline`, with `prefetch`), and evaluation token
+sources and perplexity windows (`eval_data`).
+"""
 
 from longlora_jax.data.config import check_data_config, default_data_config
 from longlora_jax.data.eval_data import (

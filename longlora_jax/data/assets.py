@@ -33,6 +33,8 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 
+import ml_collections
+
 from longlora_jax.data.rdata import read_lazyload_db
 from longlora_jax.errors import AssetError
 
@@ -254,6 +256,11 @@ def held_out_split(docs: Sequence[Document], num_eval: int
     eval_names = {d.name for d in ranked[:num_eval]}
     return ([d for d in docs if d.name not in eval_names],
             [d for d in docs if d.name in eval_names])
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The assets command's settings: name (an asset of ASSET_NAMES; fetch also takes "all")."""
+    return ml_collections.ConfigDict(dict(name=""))
 
 
 def fetch(name: str) -> pathlib.Path:

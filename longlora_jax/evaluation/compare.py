@@ -1,7 +1,7 @@
 """Evaluate models side by side at several context lengths: `python -m longlora_jax.evaluate`.
 
 Each model (a training workdir, or a base: smollm2 | hf:DIR | gguf:FILE | preset:NAME) is
-evaluated with each RoPE variant of `rope` (`base` = as loaded or trained; `default` = plain
+evaluated with each RoPE variant of `rope.scaling` (`base` = as loaded or trained; `default` = plain
 RoPE; `linear:F`, `dynamic:F`, `yarn:F`) on the held-out documents of `data` (the same data
 section as training's; offline sources use their held-out documents) at every length:
 perplexity with full attention (`evaluation.perplexity`) and, with `passkey > 0`, passkey
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from longlora_jax.cli.renames import Renamed
 from longlora_jax.data.config import EVAL_SOURCES, check_data_config, default_data_config
 from longlora_jax.data.eval_data import PROTOCOLS, eval_documents
 from longlora_jax.errors import ConfigError
@@ -36,22 +37,33 @@ from longlora_jax.modeling.config import LlamaConfig, RopeScaling, parse_rope, r
 from longlora_jax.modeling.families import build_model
 from longlora_jax.parallel.mesh import DATA, MESH_AXES, SEQUENCE, make_mesh
 
+# Retired spellings, accepted (with a warning) until the next release.
+RENAMED = (
+    Renamed("rope", "rope.scaling"),
+    Renamed("attention", "attention.eval"),
+    Renamed("group_size_ratio", "attention.group_size_ratio"),
+    *(Renamed(key, f"eval.{key}") for key in ("protocol", "stride", "max_windows", "batch")),
+)
+# Short flag names (`--model a --model b`, `--rope base,linear:4`).
+ALIASES = {"model": "models", "data": "data.source", "rope": "rope.scaling"}
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The evaluation settings.
 
     models            models to compare (a tuple; `--model a --model b` accumulates)
-    rope              RoPE variants each model is evaluated with (base | default | linear:F |
-                      dynamic:F | yarn:F); a variant equal to one listed before is skipped
-    attention         attentions each model is evaluated with: full (causal: how the model is
-                      used) | s2 (S2-Attn, group = group_size_ratio x length) | short (S2
-                      without the shift); s2 and short show what the training
+    rope.scaling      RoPE variants each model is evaluated with (base | default | linear:F |
+                      dynamic:F | yarn:F; `--rope` for short); a variant equal to one listed
+                      before is skipped
+    attention.eval    attentions each model is evaluated with: full (causal: how the model is
+                      used) | s2 (S2-Attn, group = attention.group_size_ratio x length) |
+                      short (S2 without the shift); s2 and short show what the training
                       approximation itself costs (the paper's Table 1 pilot)
-    group_size_ratio  S2 group G / length for the s2 and short attentions
+    attention.group_size_ratio  S2 group G / length for the s2 and short attentions
     lengths           context lengths (tokens)
-    protocol          "nonoverlap" | "official" (windows every `stride` tokens, as eval.py)
-    max_windows       windows per length over all documents (0 = all)
-    batch             windows (passkey prompts) per forward
+    eval.protocol     "nonoverlap" | "official" (windows every `eval.stride` tokens, as eval.py)
+    eval.max_windows  windows per length over all documents (0 = all)
+    eval.batch        windows (passkey prompts) per forward
     perplexity        measure perplexity (false: passkey only)
     passkey           passkey-retrieval trials per length (0 = none; full attention only)
     passkey_bos       start passkey prompts with BOS (the official prompt has it)
@@ -70,14 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.models = ("smollm2",)
-    c.rope = ("base",)
-    c.attention = ("full",)
-    c.group_size_ratio = 0.25
+    c.rope = ml_collections.ConfigDict(dict(scaling=("base",)))
+    c.attention = ml_collections.ConfigDict(dict(eval=("full",), group_size_ratio=0.25))
     c.lengths = (2048, 4096, 8192)
-    c.protocol = "nonoverlap"
-    c.stride = 256
-    c.max_windows = 4
-    c.batch = 1
+    c.eval = ml_collections.ConfigDict(dict(protocol="nonoverlap", stride=256, max_windows=4,
+                                            batch=1))
     c.perplexity = True
     c.passkey = 0
     c.passkey_bos = True
@@ -100,11 +109,12 @@ def _check(config: ml_collections.ConfigDict) -> list[int]:
     lengths = sorted(set(config.lengths))
     if not lengths or lengths[0] < 2:
         raise ConfigError(f"lengths {tuple(config.lengths)}: need integers >= 2, e.g. 2048,4096")
-    if not config.attention or set(config.attention) - set(EVAL_ATTENTIONS):
-        raise ConfigError(f"attention {tuple(config.attention)}; valid: a tuple of "
+    if not config.attention.eval or set(config.attention.eval) - set(EVAL_ATTENTIONS):
+        raise ConfigError(f"attention.eval {tuple(config.attention.eval)}; valid: a tuple of "
                           f"{', '.join(EVAL_ATTENTIONS)}")
-    if config.protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol={config.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if config.eval.protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol={config.eval.protocol!r}; valid: "
+                          f"{', '.join(PROTOCOLS)}")
     if not config.models:
         raise ConfigError("models is empty; name at least one (--model smollm2)")
     if not config.perplexity and not config.passkey:
@@ -129,7 +139,7 @@ def evaluate_models(config: ml_collections.ConfigDict,
                     log: Callable[[str], None] = print) -> list[ModelResult]:
     """Every (model, RoPE variant) over the lengths (see the module docstring)."""
     lengths = _check(config)
-    ropes = [parse_rope(text) for text in config.rope]
+    ropes = [parse_rope(text) for text in config.rope.scaling]
     mesh = make_mesh(dict(config.mesh))
     if not config.quantize:
         raise ConfigError(f"quantize is empty; valid: a tuple of {', '.join(QUANTIZE)}")
@@ -153,7 +163,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
     seen: list[RopeScaling] = []
     for rope in ropes:
         cfg = base.cfg.with_rope(rope).replace(
-            s2_group_size=None, s2_group_size_ratio=config.group_size_ratio,
+            s2_group_size=None, s2_group_size_ratio=config.attention.group_size_ratio,
             s2_group_rule="fixed")
         if cfg.rope_scaling in seen:
             continue  # e.g. linear:4 on a run trained with PI x4: the same model as base
@@ -161,7 +171,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
         label = rope_name(cfg.rope_scaling)
         name = base.name if rope is None else f"{base.name} (rope {label})"
         check_lengths(cfg, lengths, name, allow=config.allow_beyond_context)
-        for attention in config.attention:
+        for attention in config.attention.eval:
             variants.append((cfg, name if attention == "full" else f"{name} [{attention}]",
                              attention))
     all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
@@ -174,11 +184,12 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
                                prefill_chunk=config.prefill_chunk, attention=attention)
         for n in lengths:
             if config.perplexity:
-                docs = documents_for(all_docs, n, config.protocol, config.stride)
+                docs = documents_for(all_docs, n, config.eval.protocol, config.eval.stride)
                 start = time.perf_counter()
                 ppl = perplexity(eval_fn, variables, docs, seq_len=n,
-                                 protocol=config.protocol, stride=config.stride,
-                                 batch_size=config.batch, max_windows=config.max_windows)
+                                 protocol=config.eval.protocol, stride=config.eval.stride,
+                                 batch_size=config.eval.batch,
+                                 max_windows=config.eval.max_windows)
                 ppl["seconds"] = time.perf_counter() - start
                 result.perplexity[n] = ppl
                 log(f"{name} | {n} tokens | ppl {ppl['ppl']:.3f} over {ppl['windows']} "
@@ -187,7 +198,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
                 prefill = 0 if mesh.shape[SEQUENCE] > 1 else config.prefill_chunk
                 pk = passkey_accuracy(cfg, variables, base.tokenizer, n,
                                       trials=config.passkey, seed=config.seed,
-                                      batch=config.batch, add_bos=config.passkey_bos,
+                                      batch=config.eval.batch, add_bos=config.passkey_bos,
                                       prefill_chunk=prefill)
                 result.passkey[n] = pk
                 log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")

@@ -57,7 +57,7 @@ def markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: d
         counts = {n: int(p["windows"]) for r in results for n, p in r.perplexity.items()}
         beyond = any(n > r.context_window for r in results for n in r.perplexity)
         sections.append([
-            f"## Perplexity ({settings['protocol']} windows, data {settings['data']})", "",
+            f"## Perplexity ({settings['eval']['protocol']} windows, data {settings['data']})", "",
             *head, *rows(ppl_cell), "",
             ("\\* beyond the model's context window. " if beyond else "")
             + "Windows per length: "

@@ -56,7 +56,8 @@ from longlora_jax.modeling.config import LlamaConfig, RopeScaling
 from longlora_jax.modeling.llama import LlamaForCausalLM
 from longlora_jax.modeling.lora import trainable_labels, trainable_summary
 from longlora_jax.parallel.mesh import single_device_mesh
-from longlora_jax.training.config import build_setup, default_config, model_config
+from longlora_jax.training import config as training_config
+from longlora_jax.training.config import build_setup, model_config
 from longlora_jax.training.fit import attention_flops
 from longlora_jax.training.loop import train
 
@@ -138,7 +139,7 @@ VARIANTS = (
 
 
 def _common(scale: Scale, seed: int) -> ml_collections.ConfigDict:
-    c = default_config()
+    c = training_config.default_config()
     c.model.tokenizer = "bytes"
     c.model.dtype = "float32"
     c.model.frozen_dtype = "float32"
@@ -166,7 +167,7 @@ def pretrain_config(scale: Scale) -> ml_collections.ConfigDict:
         num_attention_heads=scale.heads, num_key_value_heads=scale.heads,
         max_position_embeddings=scale.base_context))
     c.seq_len = scale.base_context
-    c.rope.type = "base"
+    c.rope.scaling = "base"
     c.attention.train = "full"
     c.lora.mode = "full"
     c.optim.lr = scale.pretrain_lr
@@ -186,8 +187,7 @@ def finetune_config(scale: Scale, variant: Variant, base_dir: pathlib.Path,
     c = _common(scale, seed)
     c.model.base = f"hf:{base_dir}"
     c.seq_len = scale.target
-    c.rope.type = "linear"
-    c.rope.factor = float(scale.factor)
+    c.rope.scaling = f"linear:{scale.factor:g}"
     c.attention.train = variant.attention
     c.attention.group_size_ratio = 0.25
     c.lora.mode = variant.mode
@@ -279,6 +279,13 @@ def _trainable(config: ml_collections.ConfigDict) -> int:
 
 
 # ----------------------------------------------------------------------------- the experiment
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The miniature command's settings: out (report directory), workdir (runs; the pretrained
+    base is cached there), quick (toy sizes, the same code end to end)."""
+    return ml_collections.ConfigDict(dict(out="docs/miniature", workdir="runs/miniature",
+                                          quick=False))
 
 
 def run_miniature(out: str | pathlib.Path, scale: Scale = MINIATURE, *,

@@ -14,12 +14,18 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
+from longlora_jax.cli.renames import Renamed
 from longlora_jax.data.tokenizer import decoder, encoder
 from longlora_jax.errors import ConfigError
 from longlora_jax.inference.decode import eos_ids, generate
 from longlora_jax.inference.prompts import build_prompt
 from longlora_jax.io.run import load_model
 from longlora_jax.modeling.config import parse_rope
+
+# Retired spellings, accepted (with a warning) until the next release.
+RENAMED = (Renamed("rope", "rope.scaling"),)
+# Short flag names (`--rope linear:4`).
+ALIASES = {"rope": "rope.scaling"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     material, question   a text file and a question about it (both together)
     template         auto | chat | longlora | alpaca | none (see `inference.prompts`)
     max_new_tokens, temperature (0 = greedy), top_p, seed   decoding
-    rope             RoPE scaling to run with: base | default | linear:F | dynamic:F | yarn:F
+    rope.scaling     RoPE scaling to run with: base | default | linear:F | dynamic:F | yarn:F
+                     (`--rope` for short)
     allow_beyond_context   allow prompt + new tokens beyond the model's context window
     dtype            weights and compute dtype
     quantize         the base's projections: auto (a workdir's own, none for a base) | none |
@@ -38,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     """
     return ml_collections.ConfigDict(dict(
         model="smollm2", prompt="", material="", question="", template="auto",
-        max_new_tokens=256, temperature=0.6, top_p=0.9, seed=0, rope="base",
+        max_new_tokens=256, temperature=0.6, top_p=0.9, seed=0,
+        rope=ml_collections.ConfigDict(dict(scaling="base")),
         allow_beyond_context=False, dtype="float32", quantize="auto",
     ))
 
@@ -75,7 +83,7 @@ def answer(config: ml_collections.ConfigDict) -> str:
         if not path.is_file():
             raise ConfigError(f"material {config.material!r} is not a file")
         material = path.read_text(encoding="utf-8")
-    loaded = load_model(config.model, rope=parse_rope(config.rope), dtype=config.dtype,
+    loaded = load_model(config.model, rope=parse_rope(config.rope.scaling), dtype=config.dtype,
                         quantize=config.quantize)
     text = build_prompt(loaded.tokenizer, prompt=config.prompt or None, material=material,
                         question=config.question or None, template=config.template)
@@ -85,7 +93,7 @@ def answer(config: ml_collections.ConfigDict) -> str:
     if total > window and not config.allow_beyond_context:
         raise ConfigError(
             f"prompt ({len(ids)} tokens) + max_new_tokens {config.max_new_tokens} = {total} "
-            f"exceeds the model's context window {window}; shorten it, set rope, or set "
+            f"exceeds the model's context window {window}; shorten it, set rope.scaling, or set "
             "allow_beyond_context")
     eos = getattr(loaded.tokenizer, "eos_token_id", None)
     stop = eos_ids(loaded.cfg, None) + (() if eos is None else (int(eos),))

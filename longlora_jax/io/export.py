@@ -44,6 +44,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
@@ -277,6 +278,14 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[pathlib
 
 
 # ------------------------------------------------------------------------------ a run
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The export command's settings: workdir, out, format ("merged" | "peft"), step (-1 =
+    newest), mode (peft: what trained, "" = the run's own), dtype (merged: storage dtype, "" =
+    the frozen kernels'), overwrite (replace a non-empty out)."""
+    return ml_collections.ConfigDict(dict(workdir="", out="", format="merged", step=-1, mode="",
+                                          dtype="", overwrite=False))
 
 
 def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format: str,

@@ -1,1 +1,5 @@
-"""Model definition: config, RoPE, attention (full and S2), LoRA, the LLaMA module."""
+"""Model definition: the config (`config`), RoPE (`rope`), attention (`attention`: full and
+S2, on the kernels of `kernels`), LoRA (`lora`), quantized frozen weights (`quant`), the
+LLaMA module (`llama`) and GPT-NeoX's (`gpt_neox`), the families and `build_model`
+(`families`), the KV cache (`kv_cache`) and the chunked loss (`loss`).
+"""

@@ -29,7 +29,7 @@ from typing import Any
 from longlora_jax.errors import CheckpointError, ConfigError
 from longlora_jax.modeling import quant
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_TRAIN = ("full", "s2", "short")
 S2_GROUP_RULES = ("fixed", "longlora_sft")
@@ -78,7 +78,7 @@ _ROPE_FIELDS: dict[str, dict[str, bool]] = {
 class RopeScaling:
     """RoPE scaling with HF semantics (`rope_parameters` / `rope_scaling` of config.json).
 
-    `rope_type` is one of `ROPE_TYPES`; the other fields are read only by the types that use
+    `rope_type` is one of `HF_ROPE_TYPES`; the other fields are read only by the types that use
     them (see `_ROPE_FIELDS`). `None` means "HF's default for that type".
     """
 
@@ -95,9 +95,9 @@ class RopeScaling:
     truncate: bool | None = None
 
     def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
+        if self.rope_type not in HF_ROPE_TYPES:
             raise ConfigError(
-                f"unknown rope scaling type {self.rope_type!r}; valid: {', '.join(ROPE_TYPES)}"
+                f"unknown rope scaling type {self.rope_type!r}; valid: {', '.join(HF_ROPE_TYPES)}"
             )
         for name, required in _ROPE_FIELDS[self.rope_type].items():
             if required and getattr(self, name) is None:
@@ -137,7 +137,8 @@ def parse_rope(text: str) -> RopeScaling | None:
     default    plain RoPE, no scaling (HF's name for it)
     linear:F   linear position interpolation by F >= 1 (the paper's PI)
     dynamic:F  dynamic NTK scaling by F;  yarn:F  YaRN by F
-    Training configs spell the same words as `rope.type` + `rope.factor`.
+    Every command spells it so (`rope.scaling`; training also takes "linear" etc. without
+    ":F", F from its seq_len).
     """
     text = text.strip()
     if text == "base":

@@ -9,7 +9,7 @@ window is applied by `attention.attend` and the KV cache, from `cfg.sliding_wind
 Shapes: B batch, N tokens, E hidden, Hq query heads, Hkv kv heads, D head dim, F MLP width,
 V vocabulary, L layers. Parameter names mirror HF's (`q_proj`, `input_layernorm`, ...) so the
 checkpoint converters are one table. Every parameter and activation is named with logical
-axes; `longlora_jax.sharding` maps them to the mesh.
+axes; `longlora_jax.parallel.rules` maps them to the mesh.
 """
 
 from __future__ import annotations

@@ -8,21 +8,23 @@ config it is given.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from longlora_jax.cli.renames import Renamed
 from longlora_jax.data.config import default_data_config, resolved_packing
 from longlora_jax.data.pipeline import rows_per_epoch
 from longlora_jax.errors import ConfigError
 from longlora_jax.io.base import BaseSpec, base_config
 from longlora_jax.modeling.config import (
     ROPE_EXTENSIONS,
+    ROPE_GRAMMAR,
     LlamaConfig,
     RopeScaling,
     linear_pi_factor,
+    parse_rope,
 )
 from longlora_jax.modeling.families import build_model
 from longlora_jax.modeling.quant import SCHEMES
@@ -30,14 +32,35 @@ from longlora_jax.parallel.mesh import BATCH_AXES, DATA, MESH_AXES
 from longlora_jax.training.optim import default_optim_config
 from longlora_jax.training.step import StepOptions, TrainSetup, build_train_setup
 
-ROPE_TYPES = ("base", "default", *ROPE_EXTENSIONS)
+
+def _rope_with_kind(scaling: str, kind) -> str:
+    """`rope.scaling` after the retired `rope.type=kind` ("none" was the old "base")."""
+    kind = "base" if str(kind) == "none" else str(kind)
+    _, colon, factor = scaling.partition(":")
+    return f"{kind}:{factor}" if colon and kind in ROPE_EXTENSIONS else kind
+
+
+def _rope_with_factor(scaling: str, factor) -> str:
+    """`rope.scaling` after the retired `rope.factor=factor` (0 = from seq_len)."""
+    kind = scaling.partition(":")[0]
+    value = float(factor)
+    return f"{kind}:{value:g}" if value and kind in ROPE_EXTENSIONS else kind
+
+
+# Retired spellings, accepted (with a warning) until the next release.
+RENAMED = (
+    Renamed("rope.type", "rope.scaling", _rope_with_kind),
+    Renamed("rope.factor", "rope.scaling", _rope_with_factor),
+)
+# Short flag names of the training commands (`--rope linear:8`).
+ALIASES = {"rope": "rope.scaling"}
 
 
 def default_config() -> ml_collections.ConfigDict:
     """All training fields.
 
     model.base          where the frozen base comes from: "smollm2" | "hf:DIR" | "gguf:FILE" |
-                        "preset:NAME" (random init; see `longlora_jax.pretrained`).
+                        "preset:NAME" (random init; see `longlora_jax.io.base`).
     model.tokenizer     "auto" (the base's own; bytes for a random preset) | "bytes" | "hf:DIR"
                         | "standin-sp32k" (a stand-in vocabulary for random-init runs; see
                         `longlora_jax.io.base`).
@@ -52,11 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
     model.remat         "none" | "full" | "dots" | "dots_no_batch".
     model.scan          run the layers under nn.scan (faster compiles, one layer's memory).
     seq_len             training context length N.
-    rope.type           context extension, in the project's RoPE grammar: "linear" (position
-                        interpolation, the paper) | "dynamic" | "yarn" | "base" (keep the
-                        base's own scaling) | "default" (plain RoPE). ("none", the old name
-                        of "base", still works with a deprecation warning.)
-    rope.factor         scaling factor; 0 = ceil(seq_len / rope.original_context).
+    rope.scaling        context extension, in the project's RoPE grammar (`--rope` for
+                        short): "linear:F" (position interpolation by F, the paper) |
+                        "dynamic:F" | "yarn:F" | "base" (keep the base's own scaling) |
+                        "default" (plain RoPE); "linear" etc. without ":F" take
+                        F = ceil(seq_len / rope.original_context). (The retired rope.type +
+                        rope.factor still work for one release, with a warning.)
     rope.original_context  the base's trained context; 0 = its max_position_embeddings.
     attention.train     "s2" (shifted sparse attention) | "full" | "short" (S2 without the
                         shift, the paper's ablation).
@@ -71,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     lora.rank / alpha / dropout / targets   the adapters (rank ignored for mode "full");
                         targets are the family's HF module names (GPT-NeoX:
                         "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h").
-    optim.*             see `longlora_jax.optim.default_optim_config`; total_steps 0 = max_steps.
+    optim.*             see `training.optim.default_optim_config`; total_steps 0 = max_steps.
     batch.global_batch  sequences per optimizer step (over all devices and processes).
     batch.micro_batch   sequences per forward pass; global/micro = gradient accumulation.
     max_steps           optimizer steps of the whole run (a resumed run continues to it).
@@ -98,7 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
         dtype="float32", frozen_dtype="bfloat16", remat="full", scan=True, quantize="none",
     ))
     c.seq_len = 2048
-    c.rope = ml_collections.ConfigDict(dict(type="linear", factor=0.0, original_context=0))
+    c.rope = ml_collections.ConfigDict(dict(scaling="linear", original_context=0))
     c.attention = ml_collections.ConfigDict(dict(
         train="s2", group_size_ratio=0.25, group_size=0, group_rule="fixed", wrap=False,
         impl="auto", mask_documents=False,
@@ -128,26 +152,23 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def rope_scaling(config: ml_collections.ConfigDict, base: LlamaConfig) -> RopeScaling:
-    """The context-extension scaling for `config.seq_len` on top of `base`."""
-    kind = config.rope.type
-    if kind == "none":
-        warnings.warn("rope.type='none' is deprecated and will be removed; use 'base' (the "
-                      "same: keep the base's scaling) or 'default' (plain RoPE)", FutureWarning,
-                      stacklevel=2)
-        kind = "base"
-    if kind not in ROPE_TYPES:
-        raise ConfigError(f"rope.type={kind!r}; valid: {', '.join(ROPE_TYPES)}")
-    if kind == "base":
-        return base.rope_scaling
-    if kind == "default":
-        return RopeScaling()
-    original = config.rope.original_context or base.max_position_embeddings
-    factor = config.rope.factor or linear_pi_factor(config.seq_len, original)
-    if factor <= 1.0:
-        return base.rope_scaling  # the base's window already covers seq_len
+    """The context-extension scaling `config.rope.scaling` for `config.seq_len` on `base`."""
+    text = config.rope.scaling.strip()
+    kind, colon, _ = text.partition(":")
+    if kind in ROPE_EXTENSIONS and not colon:
+        original = config.rope.original_context or base.max_position_embeddings
+        text = f"{kind}:{linear_pi_factor(config.seq_len, original):g}"
+    try:
+        scaling = parse_rope(text)
+    except ConfigError:
+        raise ConfigError(f"rope.scaling={config.rope.scaling!r}; valid: {ROPE_GRAMMAR} (F >= 1;"
+                          " without :F, F = seq_len / rope.original_context)") from None
+    if scaling is None or (scaling.rope_type in ROPE_EXTENSIONS and scaling.factor <= 1.0):
+        return base.rope_scaling  # the base's own, or its window already covers seq_len
     if kind == "yarn":
-        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=original)
-    return RopeScaling(kind, factor=factor)
+        original = config.rope.original_context or base.max_position_embeddings
+        return RopeScaling("yarn", factor=scaling.factor, original_max_position_embeddings=original)
+    return scaling
 
 
 def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSpec]:

@@ -71,7 +71,7 @@ def _common(preset: str, seq_len: int, layout: Layout, tokenizer: str,
     c.model.remat = "full"
     c.model.scan = True
     c.seq_len = seq_len
-    c.rope.type = "linear"
+    c.rope.scaling = "linear"
     c.attention.train = "s2"
     c.attention.group_size_ratio = 0.25
     c.attention.impl = "auto"
