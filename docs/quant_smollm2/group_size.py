@@ -1,9 +1,10 @@
-"""The 4-bit group-size experiment of docs/quant_smollm2/group_size.md.
+"""The 4-bit group-size experiment of docs/qlora.md (its numbers: group_size.json).
 
     PYTHONPATH=. python docs/quant_smollm2/group_size.py GROUP SCHEMES   # e.g. 32 int4,nf4
 
 Sets `modeling.quant.GROUP` (input rows per scale; 64 in the library) before anything is
-traced, then evaluates SmolLM2 on the held-out text as the README's quantization table does.
+traced, then evaluates SmolLM2 on the held-out text as docs/qlora.md's quality table does;
+each run writes runs/quant_group_GROUP/results.json, whose perplexities group_size.json collects.
 """
 
 import sys

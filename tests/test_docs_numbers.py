@@ -1,0 +1,348 @@
+"""The numbers in README.md and docs/*.md are the numbers in the JSON files under docs/.
+
+Every result table in the docs pages is rendered here from its JSON file and must appear in
+its page verbatim; every number in the README's headline table is one cell of `README_CELLS`
+(a JSON file, a key path, a format) and must appear there verbatim, and no other number may.
+Every relative link in README.md and docs/*.md must point to an existing file.
+
+To regenerate a page's table after a new measurement: `python tests/test_docs_numbers.py`
+prints every table with the page it belongs to. Reads JSON only; runs in well under a second.
+"""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def load(path):
+    return json.loads((ROOT / path).read_text())
+
+
+def get(path, *keys):
+    value = load(path)
+    for key in keys:
+        value = value[key]
+    return value
+
+
+def by(rows, field, value):
+    """The one dict in `rows` whose `field` equals `value`."""
+    (row,) = [r for r in rows if r[field] == value]
+    return row
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(ratio):
+    """A relative change: +0.01% below 1%, +2.7% below 10%, else whole per cents (+53%)."""
+    change = 100 * (ratio - 1)
+    digits = 2 if abs(change) < 1 else 1 if abs(change) < 10 else 0
+    return f"{change:+.{digits}f}%".replace("-", "−")
+
+
+# ----- the tables of the docs pages, rendered from their JSON files -----
+
+MINI = "docs/miniature/results.json"
+
+
+def miniature_table():
+    rows = []
+    for v in load(MINI)["variants"]:
+        seeds = len(v["seeds"])
+
+        def ppl(n, v=v, seeds=seeds):
+            mean = f"{v['ppl_mean'][n]:.2f}"
+            return f"{mean} ± {v['ppl_spread'][n] / 2:.2f}" if seeds > 1 else mean
+
+        cost = v.get("cost")
+        rows.append([
+            v["variant"], f"{v['trainable_params']:,}", ppl("256"), ppl("2048"), ppl("4096"),
+            f"{v['passkey_mean']:.2f}",
+            f"{cost['seconds_per_step']:.2f}" if cost else "-",
+            f"{cost['temp_mib']:.0f}" if cost else "-",
+            f"{cost['attention_gflop']:.1f}" if cost else "-"])
+    return table(["variant", "trainable params", "ppl @256", "ppl @2048", "ppl @4096",
+                  "passkey @2048", "s/step", "temp MiB", "attention GFLOP/step"], rows)
+
+
+def eval_table(path, label="name"):
+    """Perplexity (or, with no perplexity, passkey correct/trials) per model and length."""
+    data = load(path)
+    models = data["models"]
+    lengths = sorted({int(n) for m in models for n in (m["perplexity"] or m["passkey"])})
+    rows = []
+    for m in models:
+        cells = []
+        for n in lengths:
+            if m["perplexity"]:
+                star = "*" if n > m["context_window"] else ""
+                cells.append(f"{m['perplexity'][str(n)]['ppl']:.2f}{star}")
+            else:
+                p = m["passkey"][str(n)]
+                cells.append(f"{p['correct']}/{p['trials']}")
+        rows.append([m[label], m["rope"], m["context_window"], *cells])
+    return table([label, "rope", "window", *map(str, lengths)], rows)
+
+
+def quant_table():
+    models = load("docs/quant_smollm2/results.json")["models"]
+    ref = by(models, "name", "smollm2 (none)")["perplexity"]["2048"]["ppl"]
+    rows = []
+    for m in models:
+        ppl = m["perplexity"]["2048"]["ppl"]
+        rows.append([m["name"], f"{ppl:.2f}", "-" if ppl == ref else pct(ppl / ref)])
+    return table(["model (frozen projections)", "ppl @2048", "vs bf16"], rows)
+
+
+def group_size_table():
+    data = load("docs/quant_smollm2/group_size.json")
+    ref = data["bf16_ppl"]
+    rows = [[r["group"], *(f"{r[s]:.2f} ({pct(r[s] / ref)})" for s in ("int4", "nf4"))]
+            for r in data["rows"]]
+    return table(["input rows per scale", "int4", "nf4"], rows)
+
+
+def memory_table():
+    rows = [[r["quantize"], *(f"{r[k]:.3g}" for k in ("codes MiB", "scales MiB", "float MiB",
+                                                       "frozen MiB")),
+             f"{r.get('projections / ref', 1):.2f}", f"{r['frozen / ref']:.2f}",
+             f"{r['host peak MiB']:.0f}"]
+            for r in load("docs/quant_smollm2/memory.json")["rows"]]
+    return table(["quantize", "codes MiB", "scales MiB", "float MiB (embeddings, norms)",
+                  "frozen MiB", "projections / bf16", "frozen / bf16", "host peak MiB"], rows)
+
+
+def qlora_speed_table():
+    (row,) = load("docs/qlora/train_step.json")["rows"]
+    rows = [["bf16", f"{row['longlora_jax s/step']:.1f}", "-"]]
+    rows += [[q, f"{row[f'longlora_jax[{q}] s/step']:.1f}", f"{row[f'{q}/plain']:.2f}×"]
+             for q in ("int8", "int4", "nf4")]
+    return table(["frozen projections", "s/step", "vs bf16"], rows)
+
+
+TRAIN = ("docs/bench/train_30_layers.json", "docs/bench/train_30_layers_16k.json")
+
+
+def train_rows():
+    return [r for path in TRAIN for r in load(path)["rows"]]
+
+
+def train_table():
+    rows = [[r["N"], r["layers"], r["remat"], f"{r['longlora_jax s/step']:.1f}",
+             f"{r['hf_peft s/step']:.1f}", f"{r['longlora_jax tokens/s']:.1f}",
+             f"{r['hf_peft tokens/s']:.1f}", f"{r['speedup']:.2f}×",
+             f"{r['model GFLOP/step']:.0f}", f"{r['GFLOP/s']:.0f}",
+             f"{r['XLA matmul GFLOP/s']:.0f}", f"{r['efficiency']:.0%}"] for r in train_rows()]
+    return table(["N", "layers", "remat", "S2-Attn (ours) s/step",
+                  "full attention (transformers+PEFT) s/step", "ours tok/s", "peer tok/s",
+                  "ratio", "model GFLOP/step", "GFLOP/s", "XLA matmul GFLOP/s", "efficiency"],
+                 rows)
+
+
+LONGEST = ("docs/bench/longest_longlora_jax.json", "docs/bench/longest_hf_peft.json")
+
+
+def longest_table():
+    rows = []
+    for path in LONGEST:
+        data = load(path)
+        for r in data["rows"]:
+            for t in r["trials"]:
+                rows.append([r["system"], t["N"], "trained" if t["ok"] else "killed",
+                             f"{t['peak_gib']:.1f}", f"{t['seconds'] / 60:.1f}",
+                             f"{data['meta']['memory_gb']}"])
+    return table(["system", "N", "outcome", "peak GiB", "minutes", "budget GiB"], rows)
+
+
+AOT = ("docs/qlora/aot/llama2_70b_32k_qlora.json", "docs/qlora/aot/llama2_13b_65k_int4.json")
+
+
+def aot_table():
+    rows = []
+    for path in AOT:
+        r = load(path)
+        full = r.get("full_attention")
+        rows.append([
+            Path(path).stem, f"{r['topology']} ({r['chips']})",
+            "/".join(str(r["mesh"][a]) for a in ("data", "fsdp", "sequence", "tensor")),
+            r["seq_len"], r["quantize"], f"{r['params'] / 1e9:.1f}B",
+            f"{r['per_chip_bytes'] / GIB:.1f}", "fits" if r["fits"] else "**does not fit**",
+            f"{full['per_chip_bytes'] / GIB:.1f}" if full else "-",
+            ("fits" if full["fits"] else "**does not fit**") if full else "-",
+            f"{r['usable_hbm_bytes'] / GIB:.2f}", f"{r['compile_seconds']:.0f}"])
+    return table(["report", "slice (chips)", "mesh d/f/s/t", "N", "quantize", "params",
+                  "S2-Attn GiB/chip", "S2-Attn", "full attention GiB/chip", "full attention",
+                  "usable GiB/chip", "compile s"], rows)
+
+
+TABLES = {
+    "docs/miniature.md": [miniature_table,
+                          lambda: eval_table("docs/miniature/check_4x_steps_eval_attention/"
+                                             "results.json")],
+    "docs/speed.md": [train_table, longest_table],
+    "docs/qlora.md": [quant_table, group_size_table, memory_table, qlora_speed_table],
+    "docs/fit.md": [aot_table],
+    "docs/evaluation.md": [lambda: eval_table("docs/eval_attention_smollm2/results.json"),
+                           lambda: eval_table("docs/eval_demo/results.json"),
+                           lambda: eval_table("docs/eval_smollm2/results.json"),
+                           lambda: eval_table("docs/passkey_smollm2/results.json")],
+}
+
+# ----- the README's headline table: each number is one of these cells -----
+
+
+def _mini(variant, n="2048"):
+    return by(load(MINI)["variants"], "variant", variant)["ppl_mean"][n]
+
+
+def _train(n, key):
+    return by(train_rows(), "N", n)[key]
+
+
+def _quant(name):
+    models = load("docs/quant_smollm2/results.json")["models"]
+    ref = by(models, "name", "smollm2 (none)")["perplexity"]["2048"]["ppl"]
+    return by(models, "name", name)["perplexity"]["2048"]["ppl"] / ref
+
+
+def _aot(*keys):
+    return get(AOT[0], *keys)
+
+
+def _mini_cost(variant):
+    return by(load(MINI)["variants"], "variant", variant)["cost"]["attention_gflop"]
+
+
+def _demo(name, n="8192"):
+    return by(load("docs/eval_demo/results.json")["models"], "name", name)["perplexity"][n]["ppl"]
+
+
+def _passkey_best():
+    trials = get(MINI, "scale", "passkey_trials")
+    best = max(v["passkey_mean"] for v in load(MINI)["variants"])
+    return f"{best * trials:.0f}/{trials}"
+
+
+# (text the README must contain in its headline table, the value it is formatted from)
+README_CELLS = [
+    (f"{_train(2048, 'speedup'):.2f}×", "docs/bench/train_30_layers.json N=2048 speedup"),
+    (f"{_train(8192, 'speedup'):.2f}×", "docs/bench/train_30_layers.json N=8192 speedup"),
+    (f"{_train(16384, 'speedup'):.2f}×", "docs/bench/train_30_layers_16k.json speedup"),
+    (f"{_train(8192, 'longlora_jax s/step'):.1f} s", "N=8192 longlora_jax s/step"),
+    (f"{_train(8192, 'hf_peft s/step'):.0f} s", "N=8192 hf_peft s/step"),
+    (f"{_train(8192, 'efficiency'):.0%}", "N=8192 efficiency"),
+    (f"{get(LONGEST[0], 'rows', 0, 'longest N')}", "ours: longest N"),
+    (f"{get(LONGEST[0], 'rows', 0, 'peak GiB at it'):.1f} GiB", "ours: peak GiB at it"),
+    (f"{get(LONGEST[1], 'rows', 0, 'first N that failed')}", "peer: first N that failed"),
+    (f"{get(LONGEST[1], 'rows', 0, 'trials', 0, 'peak_gib'):.1f} GiB", "peer: peak GiB"),
+    (f"{get(LONGEST[0], 'meta', 'memory_gb')} GiB", "the memory budget (GiB: bench/longest)"),
+    (f"{_aot('per_chip_bytes') / GIB:.1f} GiB", "70B QLoRA: S2 per chip"),
+    (f"{_aot('usable_hbm_bytes') / GIB:.2f}", "v4 usable HBM per chip"),
+    (f"{_aot('full_attention', 'per_chip_bytes') / GIB:.1f} GiB", "70B QLoRA: full per chip"),
+    (_aot("topology"), "70B QLoRA: slice"),
+    (f"{_aot('seq_len')}", "70B QLoRA: N"),
+    (pct(_quant("smollm2 (int8)")), "int8 ppl vs bf16"),
+    (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs bf16"),
+    (pct(_quant("smollm2 (int4)")), "int4 ppl vs bf16"),
+    (f"{get('docs/qlora/train_step.json', 'rows', 0, 'nf4/plain'):.2f}×", "nf4 step vs bf16"),
+    (f"{_mini('full FT, S2-Attn'):.2f}", "miniature: full FT + S2, ppl @2048"),
+    (f"{_mini('full FT, full attention'):.2f}", "miniature: full FT + full, ppl @2048"),
+    (pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")), "S2 vs full @2048"),
+    (f"{_mini_cost('full FT, S2-Attn'):.1f}", "miniature: S2 attention GFLOP/step"),
+    (f"{_mini_cost('full FT, full attention'):.1f}", "miniature: full attention GFLOP/step"),
+    (_passkey_best(), "miniature: best passkey of any variant"),
+    (f"{_demo('smollm2 (rope linear x4)'):.1f}", "demo eval: PI x4 untrained @8192"),
+    (f"{_demo('demo'):.1f}", "demo eval: fine-tuned @8192"),
+]
+
+# Numbers in the prose of the docs pages (page, text it must contain, what it is)
+DOC_CELLS = [
+    ("docs/miniature.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
+     "S2 vs full attention, full FT, @2048"),
+    ("docs/miniature.md",
+     pct(_mini("full FT, S2-Attn", "4096") / _mini("full FT, full attention", "4096")),
+     "S2 vs full attention, full FT, @4096"),
+    ("docs/miniature.md", pct(_mini("LoRA+, S2-Attn (LongLoRA)") / _mini("LoRA, S2-Attn")),
+     "LoRA+ vs LoRA @2048"),
+    ("docs/miniature.md",
+     f"all {sum(len(v['seeds']) for v in load(MINI)['variants'] if v['trainable_params'])} runs",
+     "fine-tuning runs in results.json"),
+    ("docs/miniature.md", f"{get(MINI, 'pretrain_seconds'):.0f} s", "pretraining seconds"),
+    ("docs/miniature.md", f"{get(MINI, 'train_seconds'):.0f} s", "fine-tuning seconds"),
+    ("docs/miniature.md", f"{get(MINI, 'seconds'):.0f} s", "whole invocation seconds"),
+    ("docs/miniature.md", _passkey_best(), "best passkey of any variant"),
+    ("docs/fit.md", f"{_aot('per_chip', 'arguments') / GIB:.2f} GiB", "70B QLoRA arguments"),
+    ("docs/fit.md", f"{_aot('arguments_bytes', 'frozen_weights') / GIB:.2f} GiB",
+     "70B QLoRA frozen weights"),
+    ("docs/fit.md", f"{_aot('per_chip', 'temp') / GIB:.2f} GiB", "70B QLoRA temporaries"),
+    ("docs/fit.md", f"{_aot('est_step_seconds'):.1f} s", "70B QLoRA ideal step"),
+]
+
+# Numbers in the headline table that are names, not results (model sizes, lengths in labels).
+README_LABELS = {"2", "4", "8", "20", "30", "70", "135", "256", "2048", "8192", "16384"}
+NUMBER = r"(?<![A-Za-z\d.])\d+(?:[.,]\d+)*"   # not the digits of a name (bf16, int4, S2)
+
+
+def headline_table(text):
+    """The README's table that follows its `<!-- headline: ... -->` marker."""
+    match = re.search(r"<!-- headline:[^>]*-->\n((?:\|.*\n)+)", text)
+    assert match, "README.md has no table after a <!-- headline: ... --> marker"
+    return match.group(1)
+
+
+def test_every_headline_cell_equals_its_json_source():
+    rows = headline_table((ROOT / "README.md").read_text())
+    missing = [(cell, what) for cell, what in README_CELLS if cell not in rows]
+    assert not missing, f"README headline cells that differ from their JSON source: {missing}"
+
+
+def test_the_headline_table_has_no_number_without_a_source():
+    rows = headline_table((ROOT / "README.md").read_text()).splitlines()[2:]
+    sourced = {n for cell, _ in README_CELLS for n in re.findall(NUMBER, cell)}
+    for row in rows:
+        row = re.sub(r"\]\([^)]*\)", "]", row)          # link targets are paths, not results
+        for number in re.findall(NUMBER, row):
+            assert number in README_LABELS or number in sourced, (
+                f"README headline number {number!r} has no entry in README_CELLS: {row}")
+
+
+def test_every_docs_table_equals_its_json_source():
+    for page, renderers in TABLES.items():
+        text = (ROOT / page).read_text()
+        for render in renderers:
+            rendered = render()
+            assert rendered in text, f"{page} lacks this table (from JSON):\n{rendered}"
+
+
+def test_every_docs_prose_number_equals_its_json_source():
+    missing = [(page, text, what) for page, text, what in DOC_CELLS
+               if text not in (ROOT / page).read_text()]
+    assert not missing, f"docs numbers that differ from their JSON source: {missing}"
+
+
+def test_every_relative_link_points_to_a_file():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to files that do not exist: {broken}"
+
+
+if __name__ == "__main__":
+    for page, renderers in TABLES.items():
+        for render in renderers:
+            print(f"<!-- {page} -->\n{render()}\n")
+    print("<!-- README headline cells -->")
+    for cell, what in README_CELLS:
+        print(f"{cell!r:>12}  {what}")
