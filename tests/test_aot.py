@@ -130,6 +130,7 @@ FLOPS_MODELS = {  # preset: its LoRA targets and size overrides for the cost com
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("attention", "preset"), [("s2", "tiny"), ("full", "tiny"),
                                                    ("s2", "tiny-gpt-neox")])
 def test_model_flops_match_xla_cost_analysis(attention, preset):
@@ -159,6 +160,7 @@ def test_model_flops_match_xla_cost_analysis(attention, preset):
 # ----------------------------------------------------------------------------- compile
 
 
+@pytest.mark.integration
 def test_compile_tiny_for_v4_8_uses_splash(tmp_path):
     out = tmp_path / "report.json"
     proc = _aot("--config", TINY, "--topology", "v4-8", "--json", str(out), *TINY_TPU,
@@ -199,6 +201,7 @@ def test_cli_mesh_does_not_match_slice(capsys):
     assert "'data': 8" in err
 
 
+@pytest.mark.integration
 def test_cli_does_not_fit(tmp_path):
     """Dense (XLA reference) full attention over 64k tokens: N^2 scores per chip."""
     out = tmp_path / "report.json"
@@ -270,6 +273,7 @@ def test_paper_config_bad_variant():
                          gpu=recipes.Layout({}, 1))
 
 
+@pytest.mark.integration
 def test_sequence_tensor_layout_trains_like_one_device(tmp_path):
     """The 70B layout (sequence x tensor, residual stream split over tensor) on 8 fake CPU
     devices gives the single-device losses."""
@@ -339,6 +343,7 @@ def test_other_families_compile_and_fit(name, tmp_path):
     assert report["kernels"]["splash"] > 0 and report["kernels"]["xla_softmax"] == 0
 
 
+@pytest.mark.integration
 def test_mesh_over_irregular_tpu_devices_warns_and_uses_id_order():
     """Three chips of a v4-16 are no sub-cube: topology-aware placement fails, the mesh is
     still built (in id order) and a warning says so."""

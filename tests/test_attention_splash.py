@@ -99,6 +99,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.integration
 def test_splash_s2_compiles_ahead_of_time_for_tpu_v4():
     """auto -> splash for a TPU target; batch-, sequence- and head-sharded meshes compile."""
     env = {"TPU_ACCELERATOR_TYPE": "v4-8", "TPU_WORKER_HOSTNAMES": "localhost",

@@ -8,6 +8,8 @@ from longlora_jax.bench import SUBCOMMANDS
 from longlora_jax.benchmarks import attention, longest, quant, train_step
 from longlora_jax.cli import parse
 
+pytestmark = pytest.mark.integration
+
 
 def test_attention_bench_reports_s2_full_and_torch(tmp_path, capsys):
     out = tmp_path / "bench.json"

@@ -81,6 +81,7 @@ def test_perplexity_equals_transformers(tiny_checkpoint, protocol, prefill_chunk
     assert abs(np.log(want) - np.log(256)) > 0.3  # not a uniform-logit model
 
 
+@pytest.mark.integration
 def test_sequence_sharded_perplexity_equals_unsharded(tiny_checkpoint):
     """The plain forward with tokens split over 8 fake devices (mesh sequence=8, and
     data=2 x sequence=4 with a batch of 2) gives the single-device NLL."""
@@ -125,6 +126,7 @@ def run_cli(capsys, *argv):
     return code, captured.out, last
 
 
+@pytest.mark.integration
 def test_cli_writes_tables_and_plots(capsys, tmp_path):
     out = tmp_path / "eval"
     # "default" and the second "linear:2" repeat "base" and "linear:2": each variant runs once.
@@ -171,6 +173,7 @@ def test_cli_beyond_context_needs_the_flag(capsys):
     assert "1536" in stdout and "*" in stdout.split("| preset:tiny |")[1].splitlines()[0]
 
 
+@pytest.mark.integration
 def test_cli_evaluates_s2_and_short_attention(capsys, tmp_path):
     """The paper's Table 1 pilot: the same model under full, S2 and short attention."""
     out = tmp_path / "eval"
@@ -214,6 +217,7 @@ def test_cli_empty_or_short_documents(capsys, tmp_path):
         documents_for([], 64, "nonoverlap", 256)
 
 
+@pytest.mark.integration
 def test_workdir_model_applies_the_trained_adapters(capsys, tmp_path):
     """`--model WORKDIR` evaluates base + trained LoRA factors: the same perplexity as the
     merged weights, and not the base's."""

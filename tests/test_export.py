@@ -141,6 +141,7 @@ def test_exported_rope_scaling_spelling(rope, valid_for_434):
                                                                 ).rope_scaling
 
 
+@pytest.mark.integration
 def test_merged_and_peft_exports_agree_and_differ_from_base(run, tmp_path):
     cfg, base_cfg, base_params, trained, base_dir = run
     ours = jax_logits(cfg, trained)
@@ -240,6 +241,7 @@ def test_refuses_to_overwrite_and_replaces_atomically(run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp dirs left
 
 
+@pytest.mark.integration
 def test_cli(run, tmp_path, monkeypatch, capsys):
     cfg, _, _, trained, base_dir = run
     meta = {"base": f"hf:{base_dir}" if base_dir else "preset:tiny", "mode": "lora_plus",

@@ -235,6 +235,7 @@ def test_model_s2_attention_is_the_masked_reference(preset, wrap, monkeypatch):
     assert np.abs(s2 - full).max() > 1e-2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["tiny_mistral_cpu", "tiny_qwen2_cpu", "tiny_gpt_neox_cpu"])
 def test_tiny_cpu_config_learns(name, tmp_path):
     config = train_config(os.path.join(REPO_ROOT, "configs", f"{name}.py"),
@@ -248,6 +249,7 @@ def test_tiny_cpu_config_learns(name, tmp_path):
     assert len(losses) == 4 and np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.integration
 def test_sharded_equals_unsharded_for_each_family():
     """data 2 x sequence 2 x tensor 2 on 8 fake devices, the logical-axis table placing every
     family's parameters: S2 training forward and full forward as on one device."""

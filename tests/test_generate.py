@@ -195,6 +195,7 @@ def test_rows_stop_at_eos_and_match_transformers(tmp_path):
     np.testing.assert_array_equal(got[:, : want.shape[1]], want)
 
 
+@pytest.mark.integration
 def test_sharded_generate_equals_unsharded():
     """8 fake devices (data 2 x tensor 2 x sequence 2): the same greedy tokens."""
     out = run_python("""

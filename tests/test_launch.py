@@ -116,6 +116,7 @@ def _slurm(cmds):
     return exports, srun, shlex.split(srun[-1])
 
 
+@pytest.mark.integration
 def test_slurm_one_process_per_node(fake_slurm):
     cmds = _dry_run("slurm_gpu.sbatch", "--config", "configs/llama2_7b_32k.py:gpu",
                     "--workdir", "/shared/run", "--venv", "/opt/venv", "--",
@@ -133,6 +134,7 @@ def test_slurm_one_process_per_node(fake_slurm):
                         "--config.model.base=hf:/m/Llama-2-7b-hf"]
 
 
+@pytest.mark.integration
 def test_slurm_one_process_per_gpu(fake_slurm):
     cmds = _dry_run("slurm_gpu.sbatch", "--per-gpu", "--config", "configs/tiny_cpu.py",
                     "--workdir", "w", "--port", "29500", env={**fake_slurm, "SLURM_NTASKS": "16"})
@@ -174,6 +176,7 @@ def test_notebook_is_valid_and_parameterised():
     assert all(c.cell_type == "markdown" or not c.get("outputs") for c in nb.cells)
 
 
+@pytest.mark.integration
 def test_notebook_runs_tiny_on_cpu(tmp_path):
     """Executes every cell (train, evaluate, export) with a random tiny model on the CPU."""
     nbformat = pytest.importorskip("nbformat")

@@ -8,6 +8,8 @@ import pytest
 
 from longlora_jax.experiments.miniature import QUICK, VARIANTS, run_miniature
 
+pytestmark = pytest.mark.integration
+
 
 def _quality(report):
     return [(row["variant"], row["ppl_mean"]) for row in report["variants"]]

@@ -20,6 +20,8 @@ from longlora_jax.training.checkpoint import Checkpointer
 from longlora_jax.training.loop import train
 from tests.helpers import REPO_ROOT, train_config
 
+pytestmark = pytest.mark.integration
+
 CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
 ARGS = [
     "--config", CONFIG, "--config.seq_len=128", "--config.batch.global_batch=2",

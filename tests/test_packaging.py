@@ -7,9 +7,12 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from packaging.requirements import Requirement
 
 from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.integration
 
 
 def _pins(path: pathlib.Path) -> dict[str, str]:

@@ -290,6 +290,7 @@ def test_quantized_loading_shards_codes_and_scales_like_their_weights(ckpt):
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.integration
 def test_quantized_train_step_sharded_equals_unsharded():
     """Three steps of the tiny config with an int4 base: 8 fake devices (data 2 x fsdp 2 x
     sequence 2) give the losses of one device, and the losses fall."""
@@ -299,6 +300,7 @@ def test_quantized_train_step_sharded_equals_unsharded():
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
 def test_quantized_run_exports_and_evaluates(tmp_path):
     """An int8 run: the merged export is dequantized (fp32 here: the run's frozen dtype) and
     transformers' logits equal the run's; the PEFT adapter on the written base equals them

@@ -47,6 +47,7 @@ def _run(module: str, *args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": REPO_ROOT})
 
 
+@pytest.mark.integration
 def test_train_refuses_a_tokenizer_larger_than_the_embedding(standin_dir, tmp_path):
     proc = _run("train", "--config", f"{CONFIGS}/tiny_cpu.py", "--workdir", str(tmp_path),
                 "--config.model.overrides={'vocab_size': 300, 'max_position_embeddings': 128}",
@@ -97,6 +98,7 @@ def test_paper_configs_use_the_bases_own_tokenizer(name, hf_base):
     assert len(load_tokenizer(config.model.tokenizer, BaseSpec.parse(config.model.base))) == 32000
 
 
+@pytest.mark.integration
 def test_sft_recipe(tmp_path):
     config = train_config(f"{CONFIGS}/longalpaca_sft_16k.py")
     assert config.data.paths == ("data/LongAlpaca-16k-length.json",)

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO_ROOT, run_python
+
+pytestmark = pytest.mark.integration
 
 BLOCK_TORCH = """
 import sys

@@ -37,6 +37,7 @@ def straight(tmp_path_factory) -> dict[int, float]:
     return _losses(workdir)
 
 
+@pytest.mark.integration
 def test_resume_is_exact(straight, tmp_path):
     train.train(_config("--config.max_steps=3", "--config.checkpoint.every=3"), tmp_path)
     assert Checkpointer(tmp_path, every=0, keep=1).steps() == [3]
@@ -54,6 +55,7 @@ def test_resume_is_exact(straight, tmp_path):
     assert {name: (tmp_path / name).read_text() for name in records} == records
 
 
+@pytest.mark.integration
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
     workdir = tmp_path / "interrupted"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
@@ -97,6 +99,7 @@ def _max_logged_step(metrics) -> int:
     return max(steps)
 
 
+@pytest.mark.integration
 def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
     """`kill -9` at random moments (asynchronous saves every step, so kills land mid-step,
     mid-save and mid-write), then a launch that finishes: the same losses as a run never
@@ -151,6 +154,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["5", "6"]
 
 
+@pytest.mark.integration
 def test_sharded_equals_unsharded():
     one, eight = losses_on_one_and_eight_devices(
         *FAST, "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4")
@@ -166,6 +170,7 @@ def test_unknown_config_key_is_one_line():
         parse(train_command.COMMAND, ["--config", CONFIG, "--config.lora.rnk=4"])
 
 
+@pytest.mark.integration
 def test_cli_prints_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "longlora_jax.train", "--config", CONFIG, "--workdir",
@@ -192,6 +197,7 @@ def test_seq_len_s2_cannot_use(tmp_path, overrides, message):
         train.train(_config(*overrides), tmp_path)
 
 
+@pytest.mark.integration
 def test_workdir_of_a_different_model(tmp_path):
     train.train(_config("--config.max_steps=1", "--config.checkpoint.every=1"), tmp_path)
     with pytest.raises(CheckpointError, match="lora_rank=8 there, 4 here"):
@@ -199,6 +205,7 @@ def test_workdir_of_a_different_model(tmp_path):
     assert Checkpointer(tmp_path, every=0, keep=1).steps() == [1]
 
 
+@pytest.mark.integration
 def test_missing_and_empty_data(tmp_path):
     with pytest.raises(DataError):
         train.train(_config("--config.data.source=text_files",
@@ -210,6 +217,7 @@ def test_missing_and_empty_data(tmp_path):
                             f"--config.data.paths=('{empty}',)"), tmp_path / "b")
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train.train(_config("--config.max_steps=2", "--config.checkpoint.every=1"), tmp_path)
     with pytest.raises(train.TrainingStopped, match=r"loss is (nan|inf) at step \d+; stopped "
@@ -223,6 +231,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(loss) for s, loss in _losses(tmp_path).items() if s in good)
 
 
+@pytest.mark.integration
 def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
     train.train(_config("--config.max_steps=4", "--config.checkpoint.every=2"), tmp_path)
     latest = tmp_path / "checkpoints" / "4" / "trainable"
@@ -234,6 +243,7 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_truncated_latest_meta_is_reported_and_the_previous_one_checked(tmp_path, capsys):
     train.train(_config("--config.max_steps=4", "--config.checkpoint.every=2"), tmp_path)
     meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
@@ -250,6 +260,7 @@ def test_bad_config_values_are_one_line_errors(tmp_path):
             train.train(_config(override), tmp_path)
 
 
+@pytest.mark.integration
 def test_train_restores_signal_handlers_and_leaves_the_config_alone(tmp_path):
     """After a run (e.g. in a notebook) Ctrl-C works as before, and the caller's config is
     unchanged (optim.total_steps 0 is resolved inside, not written back)."""

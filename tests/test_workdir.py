@@ -28,6 +28,8 @@ from tests.helpers import (
     train_cli,
 )
 
+pytestmark = pytest.mark.integration
+
 
 def _listing(workdir) -> list[str]:
     return sorted(p.name for p in (workdir / "checkpoints").iterdir())
