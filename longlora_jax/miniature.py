@@ -1,8 +1,10 @@
 """`python -m longlora_jax.miniature --out docs/miniature [--quick]`
 
-The paper in miniature on a CPU: a small LLaMA pretrained here at a short context, extended 8x
-with position interpolation by each fine-tuning variant (full, LoRA, LoRA+; full, S2 and short
-attention), measured on held-out text and for cost (`longlora_jax.experiments.miniature`).
+The paper in miniature on a CPU, where context matters: a small LLaMA pretrained here at a short
+window on text with long-range tasks (needles, repeated passages, variable tracking), extended
+4x with position interpolation by each fine-tuning variant (full, LoRA, LoRA+; full, S2, short
+attention, S2 with wrap, sinks or a full-attention tail), measured by retrieval accuracy and
+perplexity by distance, held-out text and cost (`longlora_jax.experiments.miniature`).
 The keys are documented in `longlora_jax.experiments.miniature.default_config`.
 """
 

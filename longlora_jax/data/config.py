@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from longlora_jax.data.long_range import check_tasks
 from longlora_jax.errors import ConfigError
 
 TRAIN_SOURCES = ("offline_essays", "offline_books", "offline_all", "text_files", "jsonl",
@@ -49,6 +50,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     sft_template     "longlora" (the official SFT script) | "llama2_sys" | "alpaca"; see
                      `longlora_jax.data.sft`.
     shuffle          shuffle documents (a new order every epoch, from the seed).
+    tasks            long-range tasks planted in the text rows (`data.long_range`: niah_single,
+                     niah_multikey, repeat, vt); () = plain text. With tasks, every row is
+                     seq_len + 1 tokens of one random text slice (one row per example).
+    task_fraction    share of the rows that carry a task (the others are plain text).
+    task_min_distance / task_max_distance  how far back (tokens) a task's answer is read,
+                     uniform in [min, max]; max 0 = seq_len.
+    task_answer_weight  loss weight of a task's answer tokens (the rest of the row: 1).
     token_dtype      "uint16" | "uint32": element type of token_file .bin files.
     cache_docs       tokenized documents kept in memory per process (LRU).
     prefetch         batches prepared ahead in a background thread (0 = none).
@@ -67,6 +75,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.heldout_books = 1
     cfg.sft_template = "longlora"
     cfg.shuffle = True
+    cfg.tasks = ()
+    cfg.task_fraction = 0.5
+    cfg.task_min_distance = 16
+    cfg.task_max_distance = 0
+    cfg.task_answer_weight = 1.0
     cfg.token_dtype = "uint16"
     cfg.cache_docs = 64
     cfg.prefetch = 2
@@ -97,6 +110,18 @@ def check_data_config(cfg: ml_collections.ConfigDict, *, for_eval: bool = False)
     for field in ("heldout_essays", "heldout_books", "prefetch"):
         if int(cfg[field]) < 0:
             raise ConfigError(f"data.{field}={cfg[field]} must be >= 0")
+    if cfg.tasks:
+        check_tasks(cfg.tasks)
+        if cfg.source == "sft_json":
+            raise ConfigError("data.tasks plant tasks in text documents; data.source "
+                              "'sft_json' has examples, not text")
+        if not 0.0 <= cfg.task_fraction <= 1.0:
+            raise ConfigError(f"data.task_fraction={cfg.task_fraction} must be in [0, 1]")
+        if cfg.task_answer_weight <= 0:
+            raise ConfigError(f"data.task_answer_weight={cfg.task_answer_weight} must be > 0")
+        if cfg.task_min_distance < 1 or cfg.task_max_distance < 0:
+            raise ConfigError(f"data.task_min_distance={cfg.task_min_distance} must be >= 1 "
+                              f"and data.task_max_distance={cfg.task_max_distance} >= 0")
     if cfg.cache_docs < 1:
         raise ConfigError(f"data.cache_docs={cfg.cache_docs} must be >= 1")
 
@@ -104,5 +129,5 @@ def check_data_config(cfg: ml_collections.ConfigDict, *, for_eval: bool = False)
 def resolved_packing(cfg: ml_collections.ConfigDict) -> str:
     """"concat" or "pad" ("auto": pad for SFT, concat for pretraining)."""
     if cfg.packing == "auto":
-        return "pad" if cfg.source == "sft_json" else "concat"
+        return "pad" if cfg.source == "sft_json" or cfg.tasks else "concat"
     return cfg.packing

@@ -24,13 +24,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
-from longlora_jax.data import sources
+from longlora_jax.data import long_range, sources
 from longlora_jax.data.config import check_data_config, resolved_packing
 from longlora_jax.data.packing import ROW_KEYS, Example, concat_row, pad_row
 from longlora_jax.data.paths import resolve_paths
@@ -138,7 +138,47 @@ def _fingerprint(cfg: ml_collections.ConfigDict, seed: int, num_examples: int) -
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _train_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> _Examples:
+class _TokenizedDocuments(Sequence):
+    """Documents as token arrays, tokenized on first use (LRU cache)."""
+
+    def __init__(self, docs: grain.MapDataset, encode: Callable[[str], np.ndarray],
+                 cache_docs: int):
+        self.docs = docs
+        self._get = functools.lru_cache(maxsize=cache_docs)(lambda i: encode(docs[i].text))
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._get(i)
+
+
+# Rows of a task mixture are drawn, not read: this many distinct ones per epoch.
+TASK_ROWS_PER_EPOCH = 1 << 20
+
+
+def _task_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, docs, *,
+                   seq_len: int, seed: int) -> _Examples:
+    """Rows of text with long-range tasks (`data.long_range`); example i is drawn from a
+    generator seeded by (seed, i), so it is the same row on every process and resume."""
+    encode = encoder(tokenizer)
+    tokens = _TokenizedDocuments(docs, encode, cfg.cache_docs)
+    max_distance = cfg.task_max_distance or seq_len
+
+    def build(i: int) -> Example:
+        row = long_range.training_row(
+            np.random.default_rng([seed, i]), tokens, seq_len + 1, tuple(cfg.tasks),
+            cfg.task_fraction, cfg.task_min_distance, max_distance, encode)
+        weights = np.ones(seq_len + 1, np.float32)
+        for span in row.spans:
+            weights[span.start:span.end] = cfg.task_answer_weight
+        return row.tokens, weights
+
+    return _Examples(TASK_ROWS_PER_EPOCH, build, cfg.cache_docs)
+
+
+def _train_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
+                    seed: int) -> _Examples:
     encode, eos = encoder(tokenizer), eos_id(tokenizer)
     bos = bos_id(tokenizer) if cfg.add_bos else None
     if cfg.source == "sft_json":
@@ -151,6 +191,8 @@ def _train_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> _Ex
     docs = sources.documents(cfg)
     if len(docs) == 0:
         raise DataError(f"data.source={cfg.source!r} has no documents")
+    if cfg.tasks:
+        return _task_examples(cfg, tokenizer, docs, seq_len=seq_len, seed=seed)
     head = np.asarray([] if bos is None else [bos], np.int32)
     tail = np.asarray([eos], np.int32)
 
@@ -165,9 +207,9 @@ def rows_per_epoch(data_cfg: ml_collections.ConfigDict) -> int:
     """Rows in one pass over the data when every row holds one example (pad packing): the
     number of SFT records or documents. ConfigError for concatenated packing."""
     check_data_config(data_cfg)
-    if resolved_packing(data_cfg) != "pad":
-        raise ConfigError("counting epochs needs one example per row (data.packing 'pad'); "
-                          "set max_steps instead")
+    if resolved_packing(data_cfg) != "pad" or data_cfg.tasks:
+        raise ConfigError("counting epochs needs one example per row (data.packing 'pad') "
+                          "read from a finite set (not data.tasks); set max_steps instead")
     if data_cfg.source == "sft_json":
         return sum(len(load_sft_json(path))
                    for path in resolve_paths(data_cfg.paths, source=data_cfg.source))
@@ -192,7 +234,7 @@ def make_train_iterator(
     """
     check_data_config(data_cfg)
     _check_sizes(seq_len, global_batch, process_index, process_count, seed)
-    examples = _train_examples(data_cfg, tokenizer)
+    examples = _train_examples(data_cfg, tokenizer, seq_len=seq_len, seed=seed)
     order = grain.MapDataset.range(examples.size)
     if data_cfg.shuffle:
         order = order.shuffle(seed=seed)

@@ -1,27 +1,32 @@
-"""The paper in miniature: does S2-Attn + LoRA+ extend a context window as full fine-tuning does?
+"""The paper in miniature, where context matters: does S2-Attn + LoRA+ extend a context window?
 
 `run_miniature(out, scale)` runs the whole experiment with the library's own machinery:
 
 1. **Base.** A small LLaMA (byte tokenizer) is pretrained from scratch by `training.loop.train`
-   at a short context on the offline books and essays, with *Persuasion* and five essays held
-   out (never trained on), and exported as an HF checkpoint (`io.export`). Cached in the
-   workdir under a hash of its settings: rerunning reuses it.
-2. **Extension** to `factor` x the context with linear position interpolation.
-3. **Variants**, each fine-tuned from the base with the same data, steps, schedule and
-   learning rate, for every seed: full fine-tuning with full attention / S2; LoRA (q, k, v, o)
-   with S2; LoRA+ (LoRA + embeddings + norms: LongLoRA) with S2, with full attention and with
-   short attention (S2 without the shift); LoRA at a much larger rank with S2; full
-   fine-tuning with short attention (does the shift matter where the model learns most?).
-   Two reference rows are not fine-tuned: the base as it is, and the base with PI. Check
-   rows (first seed only) change one setting of a LoRA row, the learning rate or the number
-   of steps, to tell a shortfall of the method from one of the setup.
-4. **Measures.** Held-out perplexity with full attention at the base's window, the target
-   length and twice the target (non-overlapping windows, the same token budget per length);
-   passkey retrieval at the target length; and per variant the cost side from its own
-   compiled step: seconds per step (measured, median), compiled temporary memory and the
-   attention FLOPs of a step (counted as `training.fit.attention_flops`).
-5. **Report.** `OUT/results.json` (every number, every seed), `OUT/results.md` (mean ± spread
-   over seeds) and two plots: perplexity vs length, cost vs quality.
+   at a short window on the offline books and essays (*Persuasion* and five essays held out),
+   half of its rows carrying a long-range task (`data.long_range`: needle retrieval with and
+   without distractors, a repeated passage, variable tracking) at distances up to that window,
+   so it has the skill inside its window. Exported as an HF checkpoint and cached in the
+   workdir under a hash of its settings.
+2. **Extension** to `factor` x the window with linear position interpolation (PI).
+3. **Variants**, each fine-tuned from the base on the same mixture with distances up to the
+   target, the same steps, schedule and learning rate, for every seed: full fine-tuning with
+   full attention / S2; LoRA and LoRA+ with S2; LoRA+ with full attention, short attention
+   (no shift), S2 with the paper's wrap-around, S2 with attention sinks, and S2 with the last
+   quarter of the steps in full attention (a resume of the same run with
+   `attention.train=full`); LoRA at a large rank. Every run is measured after `finetune_steps`
+   and after `long_factor` x as many (the same run, checkpointed on the way; the
+   full-attention-tail variant is one run per length, its tail being the last quarter).
+   Two reference rows are not fine-tuned: the base as it is and the base with PI.
+4. **Measures** (`measure`), with full causal attention unless a column says S2: held-out
+   text perplexity at the base window, the target and twice the target; retrieval accuracy
+   (niah_single, niah_multikey, vt: exact greedy answer) and repeated-passage perplexity by
+   distance bucket (< G, G-2G, > 2G with G = target / 4) in rows of the target length; the
+   same text perplexity and niah_single/repeat with the variant's S2 attention (its training
+   attention, or plain S2 for a variant trained with full attention): the train/test gap.
+   The base is also measured at its own window. Cost per variant from its compiled step.
+5. **Report** (`experiments.miniature_report`): results.json, results.md with the claims
+   decided against the seeds' spread, plots.
 
 Quality numbers are deterministic for given seeds (CPU XLA); seconds per step are a
 measurement of the machine. `MINIATURE` is the reported setting, `QUICK` the same code at toy
@@ -33,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import pathlib
 import statistics
 import time
@@ -44,11 +48,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from longlora_jax.data import long_range
 from longlora_jax.data.eval_data import eval_documents, window_starts
-from longlora_jax.data.tokenizer import ByteTokenizer
-from longlora_jax.evaluation.passkey import passkey_accuracy
+from longlora_jax.data.tokenizer import ByteTokenizer, encoder
+from longlora_jax.evaluation.long_range import by_bucket, score_rows
 from longlora_jax.evaluation.perplexity import make_eval_fn, perplexity
-from longlora_jax.evaluation.plots import line_plot, scatter_plot
+from longlora_jax.experiments.miniature_report import write_report
 from longlora_jax.io.export import export_merged
 from longlora_jax.io.hf import load_pretrained
 from longlora_jax.io.run import load_run
@@ -75,28 +80,38 @@ class Scale:
     pretrain_steps: int
     pretrain_batch: int
     pretrain_lr: float
-    finetune_steps: int
+    finetune_steps: int  # "1x"; every variant is also measured at `long_factor` x as many
+    long_factor: int
     finetune_batch: int
     finetune_lr: float
     rank: int
     big_rank: int
-    eval_tokens: int  # scored tokens per length and model (non-overlapping windows)
-    passkey_trials: int
+    sink_tokens: int
+    task_fraction: float  # share of training rows carrying a long-range task
+    answer_weight: float  # loss weight of the tasks' answer tokens in training rows
+    eval_tokens: int  # scored text tokens per length and model (non-overlapping windows)
+    task_rows: int  # evaluation rows per task and distance bucket (repeat, niah: 2x)
     seeds: tuple[int, ...]
 
     @property
     def target(self) -> int:
         return self.base_context * self.factor
 
+    @property
+    def group(self) -> int:
+        return self.target // 4
 
-MINIATURE = Scale(layers=4, hidden=256, heads=4, mlp=768, base_context=256, factor=8,
-                  pretrain_steps=600, pretrain_batch=16, pretrain_lr=2e-3,
-                  finetune_steps=60, finetune_batch=1, finetune_lr=5e-4, rank=8, big_rank=64,
-                  eval_tokens=32768, passkey_trials=10, seeds=(0, 1))
-QUICK = Scale(layers=2, hidden=32, heads=2, mlp=64, base_context=32, factor=8,
-              pretrain_steps=8, pretrain_batch=4, pretrain_lr=2e-3, finetune_steps=2,
-              finetune_batch=1, finetune_lr=5e-4, rank=4, big_rank=8, eval_tokens=512,
-              passkey_trials=0, seeds=(0,))
+
+MINIATURE = Scale(layers=4, hidden=256, heads=4, mlp=768, base_context=256, factor=4,
+                  pretrain_steps=1200, pretrain_batch=16, pretrain_lr=2e-3,
+                  finetune_steps=30, long_factor=4, finetune_batch=2, finetune_lr=1e-3,
+                  rank=8, big_rank=64, sink_tokens=4, task_fraction=0.75, answer_weight=8.0,
+                  eval_tokens=16384, task_rows=8, seeds=(0, 1))
+QUICK = Scale(layers=2, hidden=32, heads=2, mlp=64, base_context=64, factor=2,
+              pretrain_steps=4, pretrain_batch=2, pretrain_lr=2e-3, finetune_steps=1,
+              long_factor=2, finetune_batch=1, finetune_lr=5e-4, rank=4, big_rank=8,
+              sink_tokens=2, task_fraction=0.5, answer_weight=8.0, eval_tokens=256, task_rows=1,
+              seeds=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,31 +123,39 @@ class Variant:
     attention: str  # training attention: "full" | "s2" | "short"
     pi: bool = True  # linear position interpolation by the scale's factor
     big_rank: bool = False
-    # setup checks (is a shortfall the setup's fault?): first seed only, the learning rate
-    # or the number of steps scaled; not a like-for-like row of the comparison
-    lr_scale: float = 1.0
-    steps_scale: int = 1
+    wrap: bool = False  # S2 with the paper's Algorithm 1 wrap-around
+    sinks: bool = False  # S2 with attention sinks (the scale's sink_tokens)
+    full_tail: bool = False  # the last quarter of the steps with full attention
 
     @property
-    def check(self) -> bool:
-        return self.lr_scale != 1.0 or self.steps_scale != 1
+    def eval_sparse(self) -> str:
+        """The sparse attention the train/test gap is measured with."""
+        return "short" if self.attention == "short" else "s2"
 
 
+FULL_FT = "full FT, full attention"
+LONGLORA = "LoRA+, S2-Attn (LongLoRA)"
 VARIANTS = (
     Variant("base, no PI (no fine-tuning)", None, "full", pi=False),
     Variant("base + PI (no fine-tuning)", None, "full"),
-    Variant("full FT, full attention", "full", "full"),
+    Variant(FULL_FT, "full", "full"),
     Variant("full FT, S2-Attn", "full", "s2"),
     Variant("LoRA, S2-Attn", "lora", "s2"),
-    Variant("LoRA+, S2-Attn (LongLoRA)", "lora_plus", "s2"),
+    Variant(LONGLORA, "lora_plus", "s2"),
     Variant("LoRA+, full attention", "lora_plus", "full"),
     Variant("LoRA+, short attention (no shift)", "lora_plus", "short"),
+    Variant("LoRA+, S2-Attn, wrap (Algorithm 1)", "lora_plus", "s2", wrap=True),
+    Variant("LoRA+, S2-Attn + sinks", "lora_plus", "s2", sinks=True),
+    Variant("LoRA+, S2-Attn, last 1/4 full attention", "lora_plus", "s2", full_tail=True),
     Variant("LoRA large rank, S2-Attn", "lora", "s2", big_rank=True),
-    Variant("full FT, short attention (no shift)", "full", "short"),
-    Variant("check: LoRA, S2-Attn, lr x4", "lora", "s2", lr_scale=4.0),
-    Variant("check: LoRA+, S2-Attn, lr x4", "lora_plus", "s2", lr_scale=4.0),
-    Variant("check: LoRA+, S2-Attn, 4x steps", "lora_plus", "s2", steps_scale=4),
 )
+WARMUP_STEPS = 5  # fixed, so the 1x checkpoint of a long run is the 1x run
+
+
+def buckets(scale: Scale) -> list[tuple[int, int]]:
+    """Distance buckets [lo, hi) in tokens: < G, G-2G, > 2G (up to what fits in the target)."""
+    g = scale.group
+    return [(16, g), (g, 2 * g), (2 * g, scale.target - 24)]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -146,6 +169,9 @@ def _common(scale: Scale, seed: int) -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.scan = True
     c.data.source = "offline_all"  # Persuasion and five essays held out by default
+    c.data.tasks = long_range.TASKS
+    c.data.task_fraction = scale.task_fraction
+    c.data.task_answer_weight = scale.answer_weight
     c.data.prefetch = 0
     c.optim.schedule = "constant_with_warmup"
     c.optim.weight_decay = 0.0
@@ -176,29 +202,33 @@ def pretrain_config(scale: Scale) -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.1
     c.batch.global_batch = scale.pretrain_batch
     c.max_steps = scale.pretrain_steps
-    c.checkpoint.every = 0
+    c.checkpoint.every = max(1, scale.pretrain_steps // 5)
+    c.checkpoint.keep = 5
     c.loss_chunk = scale.base_context
     return c
 
 
-def finetune_config(scale: Scale, variant: Variant, base_dir: pathlib.Path,
-                    seed: int) -> ml_collections.ConfigDict:
-    """The variant's context extension: PI x factor, its trainable mode and attention."""
+def finetune_config(scale: Scale, variant: Variant, base_dir: pathlib.Path, seed: int,
+                    steps: int, *, attention: str | None = None) -> ml_collections.ConfigDict:
+    """The variant's context extension: PI x factor, its trainable mode and attention, the
+    mixture with distances up to the target, `steps` steps (checkpointed at every 1x)."""
     c = _common(scale, seed)
     c.model.base = f"hf:{base_dir}"
     c.seq_len = scale.target
     c.rope.scaling = f"linear:{scale.factor:g}"
-    c.attention.train = variant.attention
+    c.attention.train = attention or variant.attention
     c.attention.group_size_ratio = 0.25
+    c.attention.wrap = variant.wrap
+    c.attention.sink_tokens = scale.sink_tokens if variant.sinks else 0
     c.lora.mode = variant.mode
     c.lora.rank = scale.big_rank if variant.big_rank else scale.rank
     c.lora.alpha = 2.0 * c.lora.rank
-    c.optim.lr = scale.finetune_lr * variant.lr_scale
-    steps = scale.finetune_steps * variant.steps_scale
-    c.optim.warmup_steps = max(1, steps // 10)
+    c.optim.lr = scale.finetune_lr
+    c.optim.warmup_steps = WARMUP_STEPS
     c.batch.global_batch = scale.finetune_batch
     c.max_steps = steps
-    c.checkpoint.every = 0
+    c.checkpoint.every = scale.finetune_steps
+    c.checkpoint.keep = scale.long_factor + 1
     c.loss_chunk = 1024
     return c
 
@@ -231,28 +261,72 @@ def pretrained_base(scale: Scale, workdir: pathlib.Path,
     return hf_dir, summary["train_seconds"]
 
 
-def _eval_docs(scale: Scale) -> list:
+@dataclasses.dataclass
+class EvalSet:
+    """What every model is measured on (built once per run of the experiment)."""
+
+    docs: list  # held-out documents, tokenized
+    target_rows: dict[str, list]  # task -> rows of target + 1 tokens
+    window_rows: dict[str, list]  # task -> rows of base_context + 1 tokens
+    buckets: list[tuple[int, int]]
+
+
+def eval_set(scale: Scale) -> EvalSet:
+    """Held-out text and task rows over the held-out documents (never trained on)."""
     config = _common(scale, 0)
-    return eval_documents(config.data, ByteTokenizer())
+    docs = eval_documents(config.data, ByteTokenizer())
+    tokens = [np.asarray(d.tokens) for d in docs]
+    encode = encoder(ByteTokenizer())
+    counts = {"niah_single": 2 * scale.task_rows, "niah_multikey": scale.task_rows,
+              "vt": scale.task_rows, "repeat": 2 * scale.task_rows}
+    target = {task: long_range.eval_rows(1, tokens, scale.target + 1, task, buckets(scale),
+                                         count, encode)
+              for task, count in counts.items()}
+    window = {task: long_range.eval_rows(2, tokens, scale.base_context + 1, task,
+                                         [(16, scale.base_context - 16)], count, encode)
+              for task, count in counts.items()}
+    return EvalSet(docs, target, window, buckets(scale))
 
 
-def measure(cfg: LlamaConfig, variables: dict, docs: Sequence, scale: Scale) -> dict[str, Any]:
-    """Held-out perplexity (full attention) at base, target and 2x target; passkey at target."""
+def _text_ppl(cfg: LlamaConfig, variables: dict, docs: Sequence, scale: Scale, n: int,
+              attention: str = "full") -> float:
     mesh = single_device_mesh()
-    eval_fn = make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=1024)
-    ppl = {}
-    for n in (scale.base_context, scale.target, 2 * scale.target):
-        usable = [d for d in docs if len(window_starts(len(d.tokens), n, protocol="nonoverlap"))]
-        windows = max(1, scale.eval_tokens // n)
-        batch = max(1, min(windows, 16 * scale.base_context // n))
-        result = perplexity(eval_fn, variables, usable, seq_len=n, protocol="nonoverlap",
-                            batch_size=batch, max_windows=windows)
-        ppl[str(n)] = result["ppl"]
-    if not scale.passkey_trials:
-        return {"ppl": ppl, "passkey": None}
-    passkey = passkey_accuracy(cfg, variables, ByteTokenizer(), scale.target,
-                               trials=scale.passkey_trials, add_bos=True, prefill_chunk=0)
-    return {"ppl": ppl, "passkey": passkey["accuracy"]}
+    eval_fn = make_eval_fn(LlamaForCausalLM(cfg), mesh, loss_chunk=1024, attention=attention)
+    usable = [d for d in docs if len(window_starts(len(d.tokens), n, protocol="nonoverlap"))]
+    windows = max(1, scale.eval_tokens // n)
+    batch = max(1, min(windows, 8 * scale.base_context // n))
+    return perplexity(eval_fn, variables, usable, seq_len=n, protocol="nonoverlap",
+                      batch_size=batch, max_windows=windows)["ppl"]
+
+
+def _tasks(cfg, variables, rows_by_task: dict[str, list], bucket_list, *, attention: str,
+           only: Sequence[str] | None = None) -> dict[str, Any]:
+    rows = [(task, row) for task, rows in rows_by_task.items() if only is None or task in only
+            for _, row in rows]
+    results = score_rows(cfg, variables, [row for _, row in rows], attention=attention)
+    return by_bucket(results, bucket_list)
+
+
+def measure(cfg: LlamaConfig, variables: dict, ev: EvalSet, scale: Scale, *,
+            sparse: str = "s2", at_window: bool = False) -> dict[str, Any]:
+    """Every quality number of one model (module docstring, step 4)."""
+    ppl = {str(n): _text_ppl(cfg, variables, ev.docs, scale, n)
+           for n in (scale.base_context, scale.target, 2 * scale.target)}
+    out = {"ppl": ppl, "tasks": _tasks(cfg, variables, ev.target_rows, ev.buckets,
+                                       attention="full")}
+    sparse_cfg = cfg if cfg.attention_train == sparse else cfg.replace(attention_train=sparse)
+    out["sparse"] = {
+        "attention": sparse,
+        "ppl": {str(scale.target): _text_ppl(sparse_cfg, variables, ev.docs, scale,
+                                             scale.target, attention=sparse)},
+        "tasks": _tasks(sparse_cfg, variables, ev.target_rows, ev.buckets, attention=sparse,
+                        only=("niah_single", "repeat")),
+    }
+    if at_window:
+        base_cfg = cfg.with_rope(None)
+        out["at_window"] = _tasks(base_cfg, variables, ev.window_rows,
+                                  [(16, scale.base_context - 16)], attention="full")
+    return out
 
 
 def step_cost(config: ml_collections.ConfigDict, run_dir: pathlib.Path | None) -> dict[str, Any]:
@@ -278,7 +352,31 @@ def _trainable(config: ml_collections.ConfigDict) -> int:
     return trainable_summary(abstract, trainable_labels(abstract, config.lora.mode))[1]
 
 
-# ----------------------------------------------------------------------------- the experiment
+def _trainable(config: ml_collections.ConfigDict) -> int:
+    cfg, _ = model_config(config)
+    model = LlamaForCausalLM(cfg)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
+    return trainable_summary(abstract, trainable_labels(abstract, config.lora.mode))[1]
+
+
+def _finetune(scale: Scale, variant: Variant, base_dir: pathlib.Path, seed: int, steps: int,
+              workdir: pathlib.Path) -> tuple[pathlib.Path, ml_collections.ConfigDict, float]:
+    """Trains the variant to `steps` (cached by config); its run dir, config and seconds.
+    The full-attention tail: S2 to 3/4 of the steps, then the same run resumed with full
+    attention to the end."""
+    config = finetune_config(scale, variant, base_dir, seed, steps)
+    run_dir = workdir / _digest(config)
+    if not variant.full_tail:
+        return run_dir, config, train(config, run_dir)["train_seconds"]
+    train(_with_steps(config, steps * 3 // 4), run_dir)
+    tail = finetune_config(scale, variant, base_dir, seed, steps, attention="full")
+    return run_dir, config, train(tail, run_dir)["train_seconds"]
+
+
+def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    config.max_steps = steps
+    return config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -295,99 +393,42 @@ def run_miniature(out: str | pathlib.Path, scale: Scale = MINIATURE, *,
     out, workdir = pathlib.Path(out), pathlib.Path(workdir)
     started = time.perf_counter()
     base_dir, pretrain_seconds = pretrained_base(scale, workdir, log)
-    docs = _eval_docs(scale)
+    ev = eval_set(scale)
     base_cfg, base_params = load_pretrained(base_dir, config_overrides={"scan_layers": True})
+    lengths = {"1x": scale.finetune_steps, f"{scale.long_factor}x":
+               scale.finetune_steps * scale.long_factor}
     rows = []
     for variant in VARIANTS:
         row: dict[str, Any] = {"variant": variant.name, "mode": variant.mode,
-                               "attention": variant.attention, "check": variant.check,
-                               "seeds": {}}
+                               "attention": variant.attention, "results": {}}
+        t0 = time.perf_counter()
         if variant.mode is None:
             cfg = base_cfg.with_rope(RopeScaling("linear", factor=float(scale.factor))
                                      if variant.pi else None)
-            row["seeds"]["-"] = measure(cfg, {"params": base_params}, docs, scale)
+            result = measure(cfg, {"params": base_params}, ev, scale, at_window=not variant.pi)
+            row["results"] = {"0": {"-": result}}
             row["trainable_params"] = 0
-        seeds = scale.seeds[:1] if variant.check else scale.seeds
-        for seed in () if variant.mode is None else seeds:
-            config = finetune_config(scale, variant, base_dir, seed)
-            run_dir = workdir / f"{_digest(config)}"
-            t0 = time.perf_counter()
-            summary = train(config, run_dir)
-            row.setdefault("train_seconds", {})[str(seed)] = summary["train_seconds"]
-            run = load_run(run_dir)
-            row["seeds"][str(seed)] = measure(run.cfg, run.variables, docs, scale)
-            row["trainable_params"] = _trainable(config)
-            if seed == scale.seeds[0]:
-                row["cost"] = step_cost(config, run_dir)
-            log(f"{variant.name} | seed {seed} | ppl {row['seeds'][str(seed)]['ppl']} | "
-                f"{time.perf_counter() - t0:.0f} s")
-        rows.append(_summarise(row, scale))
-    report = {"scale": dataclasses.asdict(scale), "variants": rows,
-              "train_seconds": sum(sum(row.get("train_seconds", {}).values()) for row in rows),
-              "seconds": time.perf_counter() - started, "pretrain_seconds": pretrain_seconds}
-    write_report(out, report, scale)
+        for seed in () if variant.mode is None else scale.seeds:
+            per_seed = row["results"].setdefault(str(seed), {})
+            if variant.full_tail:  # one run per length: its tail is the last quarter
+                runs = [(name, steps, steps) for name, steps in lengths.items()]
+            else:  # one long run, measured at every length's checkpoint
+                longest = max(lengths.values())
+                runs = [(name, longest, steps) for name, steps in lengths.items()]
+            for name, run_steps, at_step in runs:
+                run_dir, config, seconds = _finetune(scale, variant, base_dir, seed, run_steps,
+                                                     workdir)
+                row.setdefault("train_seconds", {})[f"{seed}/{name}"] = seconds
+                run = load_run(run_dir, step=at_step)
+                per_seed[name] = measure(run.cfg, run.variables, ev, scale,
+                                         sparse=variant.eval_sparse)
+                if seed == scale.seeds[0] and name == "1x":
+                    row["trainable_params"] = _trainable(config)
+                    row["cost"] = step_cost(config, run_dir)
+        log(f"{variant.name}: {time.perf_counter() - t0:.0f} s")
+        rows.append(row)
+    report = {"scale": dataclasses.asdict(scale), "buckets": ev.buckets,
+              "lengths": lengths, "variants": rows, "pretrain_seconds": pretrain_seconds,
+              "seconds": time.perf_counter() - started}
+    write_report(out, report)
     return report
-
-
-def _summarise(row: dict[str, Any], scale: Scale) -> dict[str, Any]:
-    """Mean and spread (max - min) over seeds of every perplexity and the passkey accuracy."""
-    seeds = list(row["seeds"].values())
-    lengths = list(seeds[0]["ppl"])
-    row["ppl_mean"] = {n: statistics.fmean(s["ppl"][n] for s in seeds) for n in lengths}
-    row["ppl_spread"] = {n: max(s["ppl"][n] for s in seeds) - min(s["ppl"][n] for s in seeds)
-                         for n in lengths}
-    passkeys = [s["passkey"] for s in seeds if s["passkey"] is not None]
-    row["passkey_mean"] = statistics.fmean(passkeys) if passkeys else None
-    return row
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def markdown(report: dict[str, Any], scale: Scale) -> str:
-    """results.md: one row per variant, perplexity mean ± spread over seeds, and costs."""
-    lengths = [str(n) for n in (scale.base_context, scale.target, 2 * scale.target)]
-    head = ("| variant | trainable params | " + " | ".join(f"ppl @{n}" for n in lengths)
-            + f" | passkey @{scale.target} | s/step | temp MiB | attention GFLOP/step |")
-    lines = [head, "|---|---:|" + "---:|" * (len(lengths) + 4)]
-
-    def cell(row, n):
-        mean, spread = row["ppl_mean"][n], row["ppl_spread"][n]
-        return f"{mean:.2f}" + (f" ± {spread / 2:.2f}" if len(row["seeds"]) > 1 else "")
-
-    for row in report["variants"]:
-        cost = row.get("cost", {})
-        lines.append(
-            f"| {row['variant']} | {row['trainable_params']:,} | "
-            + " | ".join(cell(row, n) for n in lengths)
-            + (f" | {row['passkey_mean']:.2f} | " if row["passkey_mean"] is not None else " | - | ")
-            + (f"{cost['seconds_per_step']:.2f} | {cost['temp_mib']:.0f} | "
-               f"{cost['attention_gflop']:.1f} |" if cost else "- | - | - |"))
-    seeds = ", ".join(map(str, scale.seeds))
-    lines += ["", f"Base window {scale.base_context} tokens (bytes), extended {scale.factor}x "
-              f"to {scale.target} with linear position interpolation; perplexity with full "
-              f"attention on held-out text (Persuasion and five essays), mean ± half the "
-              f"spread over seeds {seeds} (the check rows: seed {scale.seeds[0]} only, one "
-              f"setting changed, to test whether a shortfall is the setup's). Pretraining the "
-              f"base took {math.ceil(report['pretrain_seconds'] / 60)} min (cached between "
-              f"runs), the fine-tuning steps {math.ceil(report['train_seconds'] / 60)} min; this "
-              f"invocation {math.ceil(report['seconds'] / 60)} min."]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: pathlib.Path, report: dict[str, Any], scale: Scale) -> None:
-    """results.json, results.md, ppl_vs_length.png, cost_vs_quality.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(report, scale))
-    series = {row["variant"]: {int(n): v for n, v in row["ppl_mean"].items()}
-              for row in report["variants"]}
-    line_plot(series, out / "ppl_vs_length.png", title="The paper in miniature: held-out "
-              "perplexity vs length", ylabel="perplexity (full attention)", log_y=True,
-              windows={"window": scale.base_context, "target": scale.target})
-    tuned = [row for row in report["variants"] if "cost" in row and not row["check"]]
-    scatter_plot({row["variant"]: (row["cost"]["seconds_per_step"],
-                                   row["ppl_mean"][str(scale.target)]) for row in tuned},
-                 out / "cost_vs_quality.png", title="Cost vs quality of the fine-tuned variants",
-                 xlabel="seconds per training step (this CPU)",
-                 ylabel=f"held-out perplexity @{scale.target}", log_x=True)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from longlora_jax.errors import ConfigError
-from longlora_jax.modeling import kernels
+from longlora_jax.modeling import kernels, sinks
 from longlora_jax.modeling.config import ATTENTION_IMPLS, LlamaConfig
 from longlora_jax.parallel.mesh import BATCH_AXES, SEQUENCE, TENSOR
 
@@ -325,9 +325,11 @@ def _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | Non
 
 def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
                  segment_ids=None, impl: str = "xla", shift: bool = True,
-                 window: int | None = None) -> jax.Array:
+                 window: int | None = None, sink_tokens: int = 0) -> jax.Array:
     """Shifted sparse attention (see module docstring); impl: xla | splash | cudnn | auto.
     `window`: a sliding window W applied within the groups too (None: none).
+    `sink_tokens` S > 0: the first S tokens are also visible to every group (attention
+    sinks, `modeling.sinks`; xla and splash, no sequence sharding).
 
     shift=False is short attention: every head attends within the unshifted groups (the
     paper's ablation of the shift; no information crosses a group boundary).
@@ -347,6 +349,10 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
     mesh = _mesh_axes()
     seq_size = 1 if mesh is None else mesh.seq_size
 
+    if sink_tokens:
+        return _with_sinks(q_bnhd, k_bnkd, v_bnkd, seg, group=group_size, wrap=wrap,
+                           shift=shift, impl=impl, window=window, sink_tokens=sink_tokens,
+                           mesh=mesh)
     if seq_size > 1:
         if n % (seq_size * group_size):
             raise ConfigError(
@@ -371,6 +377,31 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
     if mesh is None:
         return whole(q_bnhd, k_bnkd, v_bnkd, seg)
     return _per_device(whole, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
+
+
+def _with_sinks(q, k, v, seg, *, group: int, wrap: bool, shift: bool, impl: str,
+                window: int | None, sink_tokens: int, mesh: _MeshAxes | None) -> jax.Array:
+    """S2 plus attention sinks (`modeling.sinks`): XLA per group, or splash masks."""
+    sinks.check_sinks(sink_tokens, q.shape[1])
+    if mesh is not None and mesh.seq_size > 1:
+        raise ConfigError("attention sinks need whole sequences per device; use "
+                          "mesh.sequence=1 (split the batch over data/fsdp instead)")
+    if impl == "splash":
+        masks = kernels.s2_splash_masks(q.shape[1], q.shape[2], group, wrap, shift, window,
+                                        sink_tokens=sink_tokens)
+        return _splash_per_device(masks, q, k, v, seg, mesh)
+    if impl != "xla":
+        raise ConfigError(f"attention sinks run on attention.impl 'xla' or 'splash', not "
+                          f"{impl!r}")
+
+    def whole(q, k, v, seg):
+        return sinks.s2_sink_attention_xla(q, k, v, group_size=group, sinks=sink_tokens,
+                                           wrap=wrap, shift=shift, segment_ids=seg,
+                                           window=window, head_runs=head_runs)
+
+    if mesh is None:
+        return whole(q, k, v, seg)
+    return _per_device(whole, (q, k, v, seg), mesh)
 
 
 def _s2_padded(q, k, v, seg, *, group: int, wrap: bool, shift: bool, grouped):
@@ -476,12 +507,15 @@ def attend(q_bnhd, k_bnkd, v_bnkd, cfg: LlamaConfig, *, train: bool, segment_ids
     if train and cfg.attention_train in ("s2", "short"):
         shift = cfg.attention_train == "s2"
         if cfg.s2_group_rule == "longlora_sft":
+            if cfg.s2_sink_tokens:
+                raise ConfigError("attention sinks are not available with the longlora_sft "
+                                  "group rule; use group_rule 'fixed'")
             return sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
                                     wrap=cfg.s2_wrap, impl=cfg.attention_impl, shift=shift,
                                     window=cfg.sliding_window)
         group = cfg.s2_group(q_bnhd.shape[1])
         return s2_attention(q_bnhd, k_bnkd, v_bnkd, group_size=group, wrap=cfg.s2_wrap,
                             segment_ids=segment_ids, impl=cfg.attention_impl, shift=shift,
-                            window=cfg.sliding_window)
+                            window=cfg.sliding_window, sink_tokens=cfg.s2_sink_tokens)
     return causal_attention(q_bnhd, k_bnkd, v_bnkd, segment_ids=segment_ids,
                             impl=cfg.attention_impl, window=cfg.sliding_window)

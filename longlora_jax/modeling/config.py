@@ -186,6 +186,8 @@ class LlamaConfig:
         per row from its example's length; see `attention.longlora_sft_group`).
       s2_wrap: the paper's Algorithm 1 (last shifted group wraps around) instead of the
         official flash-attention segments.
+      s2_sink_tokens: S > 0 makes the first S tokens visible to every group of S2 / short
+        attention (attention sinks, SinkLoRA's fix of the train/test gap; `modeling.sinks`).
       attention_impl: "auto" | "xla" | "splash" | "cudnn" -- kernel backend.
       lora_rank r (0 disables LoRA), lora_alpha, lora_dropout, lora_targets (HF module
         names of the family's projections; None: the official LongLoRA ones, the attention
@@ -234,6 +236,7 @@ class LlamaConfig:
     s2_group_size_ratio: float = 0.25
     s2_wrap: bool = False
     s2_group_rule: str = "fixed"
+    s2_sink_tokens: int = 0
     # LoRA.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -295,6 +298,9 @@ class LlamaConfig:
             raise ConfigError(f"s2_group_size must be a positive even number, got {group}")
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"s2_group_size_ratio must be in (0, 1], got {ratio}")
+        if self.s2_sink_tokens < 0:
+            raise ConfigError(f"s2_sink_tokens must be >= 0 (0: no sinks), got "
+                              f"{self.s2_sink_tokens}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -238,14 +238,21 @@ class _S2Mask(splash_mask._ComputableMask):
     wrap=True: positions rolled left by G/2 within `period` tokens (N padded to a multiple of
     G), same rolled group and causal in rolled order; keys at or beyond `valid` are padding.
     A sliding `window` W keeps the keys fewer than W positions back in that (rolled) order.
+    `sink_tokens` S: keys j < S are also visible to every query at or after them.
     """
 
     def __init__(self, length: int, group: int, shifted: bool, wrap: bool, valid: int,
-                 window: int | None = None):
-        self.params = (length, group, shifted, wrap, valid, window)
+                 window: int | None = None, sink_tokens: int = 0):
+        self.params = (length, group, shifted, wrap, valid, window, sink_tokens)
         half, period = group // 2, -(-valid // group) * group
 
         def mask_function(q_ids, kv_ids):
+            keep = s2_keep(q_ids, kv_ids)
+            if sink_tokens:  # attention sinks: the first tokens are visible to every group
+                keep = keep | ((kv_ids < sink_tokens) & (kv_ids <= q_ids))
+            return keep
+
+        def s2_keep(q_ids, kv_ids):
             if shifted and wrap:
                 rq, rk = (q_ids - half) % period, (kv_ids - half) % period
                 keep = (rq // group == rk // group) & (rq >= rk)
@@ -288,13 +295,14 @@ def make_splash_kernel(head_masks: list[_S2Mask], interpret: bool | None = None)
     )
 
 
-def s2_splash_masks(n: int, hq: int, group: int, wrap: bool,
-                    shift: bool = True, window: int | None = None) -> list[_S2Mask]:
+def s2_splash_masks(n: int, hq: int, group: int, wrap: bool, shift: bool = True,
+                    window: int | None = None, sink_tokens: int = 0) -> list[_S2Mask]:
     """Per-head S2 masks for N tokens: heads h >= Hq // 2 shifted unless `shift` is off
-    (short attention), each within the sliding `window` if given (see `_S2Mask`)."""
+    (short attention), each within the sliding `window` if given, plus `sink_tokens`
+    global keys (see `_S2Mask`)."""
     length = splash_length(n)
     return [_S2Mask(length, group, shifted=shift and h >= hq // 2, wrap=wrap, valid=n,
-                    window=window)
+                    window=window, sink_tokens=sink_tokens)
             for h in range(hq)]
 
 

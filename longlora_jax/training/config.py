@@ -89,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
                         its example's length, as the official SFT code; needs one example
                         per row: data.packing "pad", and mesh.sequence 1).
     attention.wrap      the paper's Algorithm 1 wrap-around for the last shifted group.
+    attention.sink_tokens  S > 0: the first S tokens visible to every S2 group (attention
+                        sinks, SinkLoRA's fix of the S2 train/test gap; xla or splash).
     attention.impl      "auto" | "xla" | "splash" | "cudnn".
     attention.mask_documents  keep packed documents from attending to each other.
     lora.mode           "lora" | "lora_plus" (LongLoRA: + embeddings and norms) | "full".
@@ -125,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rope = ml_collections.ConfigDict(dict(scaling="linear", original_context=0))
     c.attention = ml_collections.ConfigDict(dict(
         train="s2", group_size_ratio=0.25, group_size=0, group_rule="fixed", wrap=False,
-        impl="auto", mask_documents=False,
+        sink_tokens=0, impl="auto", mask_documents=False,
     ))
     c.lora = ml_collections.ConfigDict(dict(
         mode="lora_plus", rank=8, alpha=16.0, dropout=0.0,
@@ -201,6 +203,7 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSp
         s2_group_size_ratio=config.attention.group_size_ratio,
         s2_wrap=config.attention.wrap,
         s2_group_rule=config.attention.group_rule,
+        s2_sink_tokens=config.attention.sink_tokens,
         lora_rank=config.lora.rank if lora_on else 0,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
