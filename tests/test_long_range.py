@@ -46,12 +46,12 @@ def test_needle_is_where_the_label_says(distance, at_end):
         # the value is read from `distance` back, right after the same words as the question
         source = span.start - distance
         assert text(row.tokens[source:source + 6]) == answer
-        key = re.search(r"The key (\w{4}) is $", text(row.tokens[:span.start])).group(1)
-        assert text(row.tokens[:source]).endswith(f" The key {key} is ")
+        key = re.search(r" (\w{4})=$", text(row.tokens[:span.start])).group(1)
+        assert text(row.tokens[:source]).endswith(f" {key}=")
         # the asked key appears exactly twice (needle, question); distractors have other keys
         whole = text(row.tokens)
-        assert whole.count(f"The key {key} is {answer}") == 2
-        needles = re.findall(r"The key (\w{4}) is \d{6}", whole)
+        assert whole.count(f" {key}={answer}") == 2
+        needles = re.findall(r" ([A-Z]{4})=\d{6}", whole)
         assert len(needles) == (2 if task == "niah_single" else 5)
         if at_end:
             assert span.end == len(row.tokens) - 2  # then ". "
@@ -70,8 +70,8 @@ def test_variable_chain_resolves_to_the_answer():
     row = build_row(np.random.default_rng(3), filler(513, 2), "vt", 300, ENCODE)
     (span,) = row.spans
     whole, answer = text(row.tokens), text(row.tokens[span.start:span.end]).split()
-    value = re.search(r"Find (\d+): $", text(row.tokens[:span.start])).group(1)
-    assigned = dict(re.findall(r"VAR (\w+) = (\w+)\.", whole))
+    value = re.search(r" \?(\d+):$", text(row.tokens[:span.start])).group(1)
+    assigned = dict(re.findall(r" \$(\w+)=(\w+);", whole))
     resolved = []
     for name in assigned:
         v = name
@@ -80,8 +80,8 @@ def test_variable_chain_resolves_to_the_answer():
         if v == value:
             resolved.append(name)
     assert sorted(resolved) == sorted(answer) and len(answer) == 3
-    first = whole.index(f"VAR {answer[0]} =")
-    assert span.start - (first + len("VAR ")) == 300
+    first = whole.index(f" ${answer[0]}=")
+    assert span.start - (first + len(" $")) == 300
 
 
 def test_a_task_that_cannot_fit_is_refused():

@@ -4,22 +4,25 @@ A row is L tokens of filler text (a random slice of the documents) with a task w
 part of it; the row says which of its tokens are scored and from how far back the answer
 must be read (`distance`, in tokens). The task shapes follow RULER (arXiv 2404.06654):
 
-    niah_single    a needle " The key ABCD is 482913." at some depth; at the answer position
-                   the same words " The key ABCD is " and the scored value "482913".
+    niah_single    a needle " ABCD=482913; " at some depth; at the answer position the same
+                   " ABCD=" and the scored value "482913".
     niah_multikey  the same with three distractor needles (other keys, other values) placed
                    elsewhere in the row; one key is asked.
     repeat         a passage of `REPEAT_TOKENS` filler tokens copied `distance` tokens later;
                    the copy (after its first `REPEAT_WARMUP` tokens, which say which passage
                    it is) is predictable only by attending back.
-    vt             variable tracking: " VAR QWXYZ = 48291." then, spread through the text,
-                   " VAR BCDFG = QWXYZ." and " VAR HJKLM = BCDFG."; at the answer position
-                   " Find 48291: " and the scored names "QWXYZ BCDFG HJKLM".
+    vt             variable tracking: " $QWXYZ=48291; " then, spread through the text,
+                   " $BCDFG=QWXYZ; " and " $HJKLM=BCDFG; "; at the answer position
+                   " ?48291:" and the scored names "QWXYZ BCDFG HJKLM".
 
 Distances count from the first token of what is read (the needle's value, the original
 passage, the chain's first name) to the first scored token. Scored answers (niah, vt) are
 correct when every scored token is the model's argmax given the true prefix: exactly what
-greedy decoding would write there. Rows are built from token ids of any tokenizer (each piece
-encoded on its own), deterministically from an `np.random.Generator`.
+greedy decoding would write there. The templates are terse on purpose: the separator before an
+answer ("=", ":") appears nowhere else in a row with one needle, so a model that copies what
+followed its earlier occurrence (an induction head) can solve niah_single, while distractors
+(niah_multikey) and chains (vt) need the key itself. Rows are built from token ids of any
+tokenizer (each piece encoded on its own), deterministically from an `np.random.Generator`.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def _place_free(rng: np.random.Generator, row: _Row, size: int, lo: int, hi: int
 
 
 def _needle(encode, key: str, value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return encode(f" The key {key} is "), encode(value), encode(". ")
+    return encode(f" {key}="), encode(value), encode("; ")
 
 
 def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance: int,
@@ -142,10 +145,10 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
 
     if task == "vt":
         value, names = _digits(rng, 5), [_name(rng) for _ in range(VT_HOPS)]
-        links = [[encode(f" VAR {names[0]} = "), encode(f"{value}. ")]]
-        links += [[encode(f" VAR {names[i]} = {names[i - 1]}. ")] for i in range(1, VT_HOPS)]
-        question, answer = encode(f" Find {value}: "), encode(" ".join(names))
-        tail = [question, answer, encode(". ")]
+        links = [[encode(f" ${names[0]}="), encode(f"{value}; ")]]
+        links += [[encode(f" ${names[i]}={names[i - 1]}; ")] for i in range(1, VT_HOPS)]
+        question, answer = encode(f" ?{value}:"), encode(" ".join(names))
+        tail = [question, answer, encode("; ")]
     else:
         key, value = _key(rng), _digits(rng, 6)
         prefix, answer, stop = _needle(encode, key, value)
@@ -154,7 +157,7 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
     tail_size = sum(len(p) for p in tail)
     first_link = links[0][0]
     # the answer's first token sits `distance` after the first read token of links[0]
-    read_offset = len(first_link) if task != "vt" else len(encode(" VAR "))
+    read_offset = len(first_link) if task != "vt" else len(encode(" $"))
     if answer_at_end:
         q_start = n - tail_size
     else:
