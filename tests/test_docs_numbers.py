@@ -49,7 +49,7 @@ def pct(ratio):
 
 # ----- the tables of the docs pages, rendered from their JSON files -----
 
-MINI = "docs/miniature/results.json"
+MINI = "docs/miniature_bytes/results.json"
 
 
 def miniature_table():
@@ -183,8 +183,8 @@ def aot_table():
 
 
 TABLES = {
-    "docs/miniature.md": [miniature_table,
-                          lambda: eval_table("docs/miniature/check_4x_steps_eval_attention/"
+    "docs/miniature_bytes.md": [miniature_table,
+                          lambda: eval_table("docs/miniature_bytes/check_4x_steps_eval_attention/"
                                              "results.json")],
     "docs/speed.md": [train_table, longest_table],
     "docs/qlora.md": [quant_table, group_size_table, memory_table, qlora_speed_table],
@@ -264,20 +264,20 @@ README_CELLS = [
 
 # Numbers in the prose of the docs pages (page, text it must contain, what it is)
 DOC_CELLS = [
-    ("docs/miniature.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
+    ("docs/miniature_bytes.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
      "S2 vs full attention, full FT, @2048"),
-    ("docs/miniature.md",
+    ("docs/miniature_bytes.md",
      pct(_mini("full FT, S2-Attn", "4096") / _mini("full FT, full attention", "4096")),
      "S2 vs full attention, full FT, @4096"),
-    ("docs/miniature.md", pct(_mini("LoRA+, S2-Attn (LongLoRA)") / _mini("LoRA, S2-Attn")),
+    ("docs/miniature_bytes.md", pct(_mini("LoRA+, S2-Attn (LongLoRA)") / _mini("LoRA, S2-Attn")),
      "LoRA+ vs LoRA @2048"),
-    ("docs/miniature.md",
+    ("docs/miniature_bytes.md",
      f"all {sum(len(v['seeds']) for v in load(MINI)['variants'] if v['trainable_params'])} runs",
      "fine-tuning runs in results.json"),
-    ("docs/miniature.md", f"{get(MINI, 'pretrain_seconds'):.0f} s", "pretraining seconds"),
-    ("docs/miniature.md", f"{get(MINI, 'train_seconds'):.0f} s", "fine-tuning seconds"),
-    ("docs/miniature.md", f"{get(MINI, 'seconds'):.0f} s", "whole invocation seconds"),
-    ("docs/miniature.md", _passkey_best(), "best passkey of any variant"),
+    ("docs/miniature_bytes.md", f"{get(MINI, 'pretrain_seconds'):.0f} s", "pretraining seconds"),
+    ("docs/miniature_bytes.md", f"{get(MINI, 'train_seconds'):.0f} s", "fine-tuning seconds"),
+    ("docs/miniature_bytes.md", f"{get(MINI, 'seconds'):.0f} s", "whole invocation seconds"),
+    ("docs/miniature_bytes.md", _passkey_best(), "best passkey of any variant"),
     ("docs/fit.md", f"{_aot('per_chip', 'arguments') / GIB:.2f} GiB", "70B QLoRA arguments"),
     ("docs/fit.md", f"{_aot('arguments_bytes', 'frozen_weights') / GIB:.2f} GiB",
      "70B QLoRA frozen weights"),
