@@ -63,6 +63,7 @@ def test_repeat_is_an_exact_copy_and_only_the_copy_is_scored():
     start = span.start - REPEAT_WARMUP
     copy = row.tokens[start:start + REPEAT_TOKENS]
     np.testing.assert_array_equal(copy, row.tokens[start - 300:start - 300 + REPEAT_TOKENS])
+    assert re.fullmatch(r"[a-z ]+", text(copy))  # random letters: only the first copy tells
     assert span.end - span.start == REPEAT_TOKENS - REPEAT_WARMUP and span.distance == 300
 
 

@@ -8,9 +8,10 @@ must be read (`distance`, in tokens). The task shapes follow RULER (arXiv 2404.0
                    " ABCD=" and the scored value "482913".
     niah_multikey  the same with three distractor needles (other keys, other values) placed
                    elsewhere in the row; one key is asked.
-    repeat         a passage of `REPEAT_TOKENS` filler tokens copied `distance` tokens later;
-                   the copy (after its first `REPEAT_WARMUP` tokens, which say which passage
-                   it is) is predictable only by attending back.
+    repeat         a passage of `REPEAT_TOKENS` random letters written into the text and
+                   copied `distance` tokens later; the copy (after its first `REPEAT_WARMUP`
+                   tokens, which say which passage it is) is predictable only by attending
+                   back (without it, about 27 choices per letter).
     vt             variable tracking: " $QWXYZ=48291; " then, spread through the text,
                    " $BCDFG=QWXYZ; " and " $HJKLM=BCDFG; "; at the answer position
                    " ?48291:" and the scored names "QWXYZ BCDFG HJKLM".
@@ -137,7 +138,8 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
         src = last - distance
         if src < 0:
             raise ValueError(f"repeat distance {distance} does not fit in {n} tokens")
-        passage = row.tokens[src:src + size].copy()
+        letters = "".join(rng.choice(list(string.ascii_lowercase + " "), 2 * size))
+        passage = encode(letters)[:size]
         row.write(src, [passage])
         row.write(last, [passage])
         span = Span(task, last + REPEAT_WARMUP, last + size, distance)

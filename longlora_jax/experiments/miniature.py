@@ -102,10 +102,10 @@ class Scale:
         return self.target // 4
 
 
-MINIATURE = Scale(layers=4, hidden=256, heads=4, mlp=768, base_context=256, factor=4,
-                  pretrain_steps=1200, pretrain_batch=16, pretrain_lr=2e-3,
+MINIATURE = Scale(layers=4, hidden=128, heads=4, mlp=512, base_context=256, factor=4,
+                  pretrain_steps=1500, pretrain_batch=16, pretrain_lr=2e-3,
                   finetune_steps=25, long_factor=4, finetune_batch=2, finetune_lr=1e-3,
-                  rank=8, big_rank=64, sink_tokens=4, task_fraction=0.5, answer_weight=8.0,
+                  rank=8, big_rank=64, sink_tokens=4, task_fraction=0.75, answer_weight=8.0,
                   eval_tokens=8192, task_rows=6, seeds=(0, 1))
 QUICK = Scale(layers=2, hidden=32, heads=2, mlp=64, base_context=64, factor=2,
               pretrain_steps=4, pretrain_batch=2, pretrain_lr=2e-3, finetune_steps=1,
