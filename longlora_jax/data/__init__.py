@@ -1,8 +1,9 @@
 """Data: the data section of a config (`config`), file lists (`paths`), document sources
 (`sources`: offline assets in `assets`, read with `rdata`; local text/jsonl via TFDS in
 `local_tfds`; the TFDS catalog; SFT JSON in `sft`), tokenizers (`tokenizer`), packing
-(`packing`), the grain training pipeline (`pipeline`, with `prefetch`), and evaluation token
-sources and perplexity windows (`eval_data`).
+(`packing`), long-range tasks planted in text (`long_range`), the grain training pipeline
+(`pipeline`, with `prefetch`), and evaluation token sources and perplexity windows
+(`eval_data`).
 """
 
 from longlora_jax.data.config import check_data_config, default_data_config

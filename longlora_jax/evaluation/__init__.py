@@ -1,2 +1,3 @@
 """Evaluation: perplexity with full attention (`perplexity`), passkey retrieval (`passkey`),
-models side by side at several lengths (`compare`), results and plots (`report`, `plots`)."""
+long-range task rows scored by distance (`long_range`), models side by side at several
+lengths (`compare`), results and plots (`report`, `plots`)."""
