@@ -240,7 +240,7 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
     assert summary["segments"][-1]["start_step"] == 2
-    assert "unreadable" in capsys.readouterr().out
+    assert "item 'trainable' is damaged" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -250,7 +250,7 @@ def test_truncated_latest_meta_is_reported_and_the_previous_one_checked(tmp_path
     meta.write_bytes(meta.read_bytes()[:10])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
     assert summary["end_step"] == 5
-    assert "metadata of checkpoint" in capsys.readouterr().out
+    assert "item 'meta' is damaged" in capsys.readouterr().err
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):
