@@ -71,3 +71,55 @@ def test_unlisted_item_and_extra_files(step_dir):
     assert manifest.verify(step_dir, ["data"]) == "item 'data' is not in its manifest.json"
     with pytest.raises(FileNotFoundError, match="item 'data' is missing"):
         manifest.write(step_dir, ["data"])
+
+
+# ------------------------------------------------- the rules of io.run on made-up checkpoints
+
+
+def _checkpoint(workdir, step, meta, *, with_manifest):
+    from longlora_jax.io import run
+
+    step_dir = workdir / run.CHECKPOINTS / str(step)
+    for item in run.ITEMS:
+        (step_dir / item).mkdir(parents=True)
+        (step_dir / item / "payload").write_bytes(b"x" * 64)
+    (step_dir / run.META / "metadata").write_text(json.dumps(meta))
+    if with_manifest:
+        manifest.write(step_dir, run.ITEMS)
+    return step_dir
+
+
+def test_checkpoint_without_manifest_is_trusted_only_if_it_predates_manifests(tmp_path, capsys):
+    from longlora_jax.io import run
+
+    _checkpoint(tmp_path, 1, {"seed": 0}, with_manifest=False)  # before manifests
+    _checkpoint(tmp_path, 2, {run.MANIFEST_KEY: manifest.VERSION}, with_manifest=False)
+    damaged = _checkpoint(tmp_path, 3, {run.MANIFEST_KEY: manifest.VERSION}, with_manifest=True)
+    (damaged / run.OPTIMIZER / "payload").write_bytes(b"x" * 63 + b"y")
+    manager = run.checkpoint_manager(tmp_path)
+    try:
+        assert sorted(manager.all_steps()) == [1, 2, 3]
+        assert run.checkpoint_problem(manager, 3) == (
+            "item 'optimizer' is damaged: file payload fails its sha256 checksum")
+        assert run.checkpoint_problem(manager, 3, (run.TRAINABLE, run.META)) is None
+        assert run.checkpoint_problem(manager, 2) == "its manifest.json is missing"
+        assert capsys.readouterr().err == ""
+        assert run.checkpoint_problem(manager, 1) is None
+        err = capsys.readouterr().err
+        assert err.startswith("warning: checkpoint ") and "predates checksum manifests" in err
+        assert err.count("\n") == 1
+    finally:
+        manager.close()
+
+
+def test_checkpoints_of_the_pre_split_layout_are_a_clear_error(tmp_path):
+    from longlora_jax.errors import CheckpointError
+    from longlora_jax.io import run
+
+    step_dir = tmp_path / run.CHECKPOINTS / "3"
+    (step_dir / "state").mkdir(parents=True)
+    (step_dir / run.META).mkdir()
+    (step_dir / run.META / "metadata").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"older longlora_jax \(one 'state' item.*cannot "
+                       r"be read by this version; use a new --workdir"):
+        run.load_run(tmp_path)

@@ -290,9 +290,9 @@ class Checkpointer:
                     target = self.directory / REJECTED / f"{step}.{n}"
                 target.parent.mkdir(exist_ok=True)
                 os.rename(self.directory / str(step), target)
-                print(f"warning: checkpoint {self.directory / str(step)} is damaged: {problem}; "
-                      f"resuming from checkpoint {resumed} instead; the damaged one is moved to "
-                      f"{target} (not deleted)", file=sys.stderr, flush=True)
+                print(f"warning: checkpoint {self.directory / str(step)} is not trusted: "
+                      f"{problem}; resuming from checkpoint {resumed} instead; this one is moved "
+                      f"to {target} (not deleted)", file=sys.stderr, flush=True)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("longlora_jax checkpoints set aside")
         self.manager.reload()
