@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from longlora_jax.io import manifest
 from longlora_jax.training.checkpoint import Checkpointer
 from longlora_jax.training.loop import train
 from tests.helpers import REPO_ROOT, train_config
@@ -114,6 +115,10 @@ def test_two_processes_match_one(tmp_path):
     data = tmp_path / "multi" / "checkpoints" / "2" / "data"
     assert sorted(p.name for p in data.glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
+    # Its manifest (written by process 0 once both had written) lists both and verifies.
+    listed = json.loads((data.parent / manifest.MANIFEST).read_text())["items"]["data"]
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(listed)
+    assert manifest.verify(data.parent) is None
 
 
 @pytest.mark.slow

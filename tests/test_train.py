@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from longlora_jax import train as train_command
 from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
+from longlora_jax.io.run import load_run
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
 from tests.helpers import (
@@ -240,7 +242,7 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path, capsys):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
     assert summary["segments"][-1]["start_step"] == 2
-    assert "unreadable" in capsys.readouterr().out
+    assert "item 'trainable' is damaged" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -250,7 +252,96 @@ def test_truncated_latest_meta_is_reported_and_the_previous_one_checked(tmp_path
     meta.write_bytes(meta.read_bytes()[:10])
     summary = train.train(_config("--config.max_steps=5", "--config.checkpoint.every=2"), tmp_path)
     assert summary["end_step"] == 5
-    assert "metadata of checkpoint" in capsys.readouterr().out
+    assert "item 'meta' is damaged" in capsys.readouterr().err
+
+
+def _data_file(item_dir):
+    """The largest array data file of a checkpoint item (tensorstore's `d/` chunks)."""
+    files = [p for p in item_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_middle_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.integration
+def test_damaged_checkpoints_are_named_set_aside_and_the_resume_is_exact(straight, tmp_path,
+                                                                          capsys):
+    """Asynchronous saves every step, then: one data file of checkpoint 4's `trainable` cut in
+    half, one byte flipped in the middle of a data file of 3's `optimizer`, 2's `data` item
+    deleted. Each is one warning line naming the item; they are moved to checkpoints/rejected
+    (not deleted); the run resumes from 1 with the losses of a run never interrupted."""
+    every = ("--config.checkpoint.every=1", "--config.checkpoint.keep=10")
+    train.train(_config("--config.max_steps=4", "--config.checkpoint.async_save=True", *every),
+                tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert all((ckpts / str(step) / "manifest.json").is_file() for step in range(1, 5))
+    cut = _data_file(ckpts / "4" / "trainable")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    _flip_middle_byte(_data_file(ckpts / "3" / "optimizer"))
+    shutil.rmtree(ckpts / "2" / "data")
+    damaged = {step: _tree(ckpts / step) for step in ("2", "3", "4")}
+    capsys.readouterr()
+
+    summary = train.train(_config("--config.max_steps=6", *every), tmp_path)
+    assert summary["segments"][-1]["start_step"] == 1
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, err
+    expected = {4: ("item 'trainable' is damaged: file ", "(truncated)"),
+                3: ("item 'optimizer' is damaged: file ", "fails its sha256 checksum"),
+                2: ("item 'data' is missing",)}
+    for line, (step, phrases) in zip(warnings, expected.items(), strict=True):
+        assert f"checkpoints/{step} is not trusted: " in line, line
+        assert all(phrase in line for phrase in phrases), line
+        assert f"moved to {ckpts / 'rejected' / str(step)} (not deleted)" in line, line
+    assert {step: _tree(ckpts / "rejected" / step) for step in damaged} == damaged
+    assert Checkpointer(tmp_path, every=0, keep=1).steps() == [1, 2, 3, 4, 5, 6]
+    resumed = _losses(tmp_path)
+    for step in range(2, 7):
+        assert abs(resumed[step] - straight[step]) <= 1e-6, (step, resumed[step], straight[step])
+
+
+@pytest.mark.integration
+def test_load_run_verifies_and_no_trusted_checkpoint_is_one_error_line(tmp_path, capsys):
+    """load_run (export, evaluate) skips a checkpoint whose trainable leaves fail their
+    checksum, naming the item, and refuses it when asked for it by step; with every
+    checkpoint damaged, the train command stops with one `error:` line and exit status 2,
+    changing nothing."""
+    train.train(_config("--config.max_steps=2", "--config.checkpoint.every=1"), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    _flip_middle_byte(_data_file(ckpts / "2" / "trainable"))
+    capsys.readouterr()
+    assert load_run(tmp_path).step == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: checkpoint "), err
+    assert "item 'trainable' is damaged" in err and "checksum" in err
+    with pytest.raises(CheckpointError, match=r"checkpoint 2 in .* cannot be used: item "
+                       r"'trainable' is damaged: file .* fails its sha256 checksum"):
+        load_run(tmp_path, step=2)
+
+    _flip_middle_byte(_data_file(ckpts / "1" / "trainable"))
+    before = _tree(ckpts)
+    cmd, env = train_cli(tmp_path, tmp_path / "xla_cache")
+    proc = subprocess.run([*cmd, "--config.max_steps=4"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert errors[0].startswith(f"error: no checkpoint in {ckpts} can be trusted: step 2: "
+                                "item 'trainable' is damaged"), errors
+    assert "step 1: item 'trainable' is damaged" in errors[0]
+    assert "nothing was deleted or moved" in errors[0]
+    assert _tree(ckpts) == before
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies"):
+        load_run(tmp_path)
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):

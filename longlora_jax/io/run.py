@@ -6,11 +6,16 @@
     WORKDIR/checkpoints/<step>/data        grain iterator state, one JSON file per process
     WORKDIR/checkpoints/<step>/meta        JSON: the model config, the trainable mode, the
                                            base and tokenizer strings, the seed, the run config
+    WORKDIR/checkpoints/<step>/manifest.json  every file of the four items, size and sha256
+                                           (`io.manifest`; the rules: `training.checkpoint`)
 
 `training.checkpoint` writes them; evaluation, generation and export read a run through
 `load_run` here, which restores the trainable leaves alone and rebuilds the frozen base from
 what `meta` names: no optimizer is built and its state is never read. Orbax writes each step
 into a temporary directory and renames it when complete, so only finished steps are listed.
+`load_run` verifies the manifest of the items it reads (trainable, meta) first: the newest
+checkpoint that verifies is used, each newer one that does not is one warning line naming the
+damaged item, and CheckpointError (one line) when none does or the step asked for does not.
 
 `load_model(source)` loads any model the commands take: a base ("smollm2", "hf:DIR",
 "gguf:FILE", "preset:NAME"; see `io.base`), a base plus a PEFT adapter directory
@@ -22,7 +27,10 @@ are applied on the fly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +40,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from longlora_jax.errors import CheckpointError, ConfigError, first_line
+from longlora_jax.io import manifest
 from longlora_jax.io.base import (
     BaseSpec,
     abstract_variables,
@@ -53,13 +62,29 @@ CHECKPOINTS = "checkpoints"
 # `load_model`'s quantize: "auto" (a workdir's own, none for a base) or a scheme.
 QUANTIZE = ("auto", *quant.SCHEMES)
 TRAINABLE, OPTIMIZER, DATA, META = "trainable", "optimizer", "data", "meta"
+ITEMS = (TRAINABLE, OPTIMIZER, DATA, META)
+# In the meta of every checkpoint written with a manifest: its manifest's version. A checkpoint
+# whose meta has it and that has no manifest.json is damaged; one whose meta lacks it predates
+# manifests.
+MANIFEST_KEY = "manifest"
+# The one item of checkpoints written before the trainable leaves and the optimizer were split.
+_PRE_SPLIT_ITEM = "state"
+_META_FILE = "metadata"  # the file orbax's JsonCheckpointHandler writes in the meta item
 
 
 def checkpoint_manager(workdir: str | pathlib.Path, *, keep: int | None = None,
-                       async_save: bool = False) -> ocp.CheckpointManager:
-    """The orbax manager of `workdir/checkpoints` with this layout's four items."""
+                       async_save: bool = False,
+                       on_written: Callable[[], None] | None = None) -> ocp.CheckpointManager:
+    """The orbax manager of `workdir/checkpoints` with this layout's four items.
+
+    on_written: called by orbax on process 0, in its writer thread, once every process has
+    written a save's items and before the temporary directory is renamed to the step (the
+    checkpointer writes the manifest there); it makes the manager asynchronous.
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save or bool(on_written),
+        async_options=ocp.AsyncOptions(post_finalization_callback=on_written) if on_written
+        else None)
     return ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / CHECKPOINTS,
         options=options,
@@ -77,15 +102,58 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
 
-def newest_readable_meta(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any]] | None:
-    """(step, meta) of the newest checkpoint whose meta reads; an unreadable one is reported
-    and skipped (it stays on disk). None when there is no checkpoint."""
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_layout(manager: ocp.CheckpointManager, step: int) -> None:
+    """CheckpointError when checkpoint `step` has the layout of checkpoints written before the
+    trainable leaves and the optimizer were split (one `state` item): not readable here."""
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    if (step_dir / _PRE_SPLIT_ITEM).is_dir() and not (step_dir / TRAINABLE).exists():
+        raise CheckpointError(
+            f"checkpoint {step_dir} was written by an older longlora_jax (one '{_PRE_SPLIT_ITEM}' "
+            "item, before the trainable leaves and the optimizer were split) and cannot be read "
+            "by this version; use a new --workdir (or the older version to export it)")
+
+
+def checkpoint_problem(manager: ocp.CheckpointManager, step: int,
+                       items: Sequence[str] = ITEMS) -> str | None:
+    """Why checkpoint `step` cannot be trusted: its manifest does not hold for `items` (the
+    phrase names the damaged item), or it has none although its meta says it was written with
+    one; None when it verifies. A checkpoint written before manifests (its meta readable and
+    without `MANIFEST_KEY`) is accepted unverified with one warning line. CheckpointError for
+    the pre-split layout (`check_layout`)."""
+    check_layout(manager, step)
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    if manifest.exists(step_dir):
+        return manifest.verify(step_dir, items)
+    try:  # the file itself, not through orbax: process 0 alone may read it (no barriers)
+        meta = json.loads((step_dir / META / _META_FILE).read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+        return f"it has no {manifest.MANIFEST} and its meta is unreadable ({first_line(err)})"
+    if not isinstance(meta, dict) or MANIFEST_KEY in meta:
+        return f"its {manifest.MANIFEST} is missing"
+    warn(f"checkpoint {step_dir} predates checksum manifests: it is used without verification")
+    return None
+
+
+def newest_readable_meta(manager: ocp.CheckpointManager, items: Sequence[str] = (META,)
+                         ) -> tuple[int, dict[str, Any]] | None:
+    """(step, meta) of the newest checkpoint whose `items` verify (`checkpoint_problem`) and
+    whose meta reads; each newer one is reported in one warning line and skipped (it stays on
+    disk). None when there is no such checkpoint."""
     for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return step, read_meta(manager, step)
-        except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
-            print(f"warning: metadata of checkpoint {manager.directory / str(step)} is "
-                  f"unreadable ({first_line(err)}); using the previous one", flush=True)
+        where = pathlib.Path(manager.directory) / str(step)
+        problem = checkpoint_problem(manager, step, items)
+        if problem is None:
+            try:
+                return step, read_meta(manager, step)
+            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+                problem = f"its meta is unreadable ({first_line(err)})"
+        warn(f"checkpoint {where} cannot be used: {problem}; using the previous one (this one "
+             "is left on disk)")
     return None
 
 
@@ -123,8 +191,9 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
 
     The frozen base is rebuilt from what the checkpoint's meta names (loaded as `dtype`, or
     re-initialised from the run's seed for a preset); the trainable leaves (fp32) come from
-    the checkpoint. `step` defaults to the newest checkpoint. CheckpointError when the
-    workdir has no such checkpoint.
+    the checkpoint. `step` defaults to the newest checkpoint whose trainable and meta items
+    verify against its manifest (`checkpoint_problem`; each newer one is a warning line).
+    CheckpointError when the workdir has no such checkpoint, or `step` does not verify.
 
     quantize: how to store the base (`LlamaConfig.quantize`); None keeps the run's own. A
     quantized base is quantized from the run's `model.frozen_dtype`, as training did, so
@@ -137,15 +206,19 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
         if not steps:
             raise CheckpointError(f"no finished checkpoint in {workdir / CHECKPOINTS}")
         if step is None:
-            found = newest_readable_meta(manager)
+            found = newest_readable_meta(manager, (TRAINABLE, META))
             if found is None:
-                raise CheckpointError(f"no checkpoint with readable metadata in "
-                                      f"{workdir / CHECKPOINTS}")
+                raise CheckpointError(f"no checkpoint in {workdir / CHECKPOINTS} verifies (see "
+                                      "the warnings above); nothing was changed")
             step, meta = found
         elif step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {workdir / CHECKPOINTS}; "
                                   f"available: {steps}")
         else:
+            problem = checkpoint_problem(manager, step, (TRAINABLE, META))
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} cannot be "
+                                      f"used: {problem}")
             meta = read_meta(manager, step)
         if "model" not in meta:
             raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was written by "

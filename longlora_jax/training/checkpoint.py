@@ -5,8 +5,9 @@ The frozen base weights are not in a checkpoint; `meta` names where they come fr
 (`io.base.BaseSpec`), so every checkpoint is the size of what trains, and the trainable leaves
 are an item of their own that evaluation and export restore without the optimizer. Orbax
 writes each step into a temporary directory and renames it when complete, so an interrupted
-save never looks finished; a checkpoint that is finished but damaged (truncated files) is
-skipped with a warning in favour of the one before it.
+save never looks finished; a checkpoint that is finished but damaged (a truncated or changed
+file, a missing item) is found by its manifest and skipped in favour of the one before it
+(Integrity, below).
 
 A save that cannot be written (a full disk, permissions) raises CheckpointError, one line,
 after removing its temporary directory: the checkpoints already finished stay as they are
@@ -14,6 +15,30 @@ after removing its temporary directory: the checkpoints already finished stay as
 checks that the file system has room for the state's arrays, so a disk that is already full
 is reported before anything is written. Asynchronous saves report their failure at the next
 save or `wait`, naming the step that failed.
+
+Integrity. Every checkpoint carries `manifest.json` (`io.manifest`): each file of its four
+items with its size and sha256. Process 0 writes it from orbax's writer thread once every
+process has written the items and before orbax renames the temporary directory to the step
+(orbax's post-finalization hook; the manager is asynchronous for this, and a synchronous
+`async_save=False` save waits for it at once), so the manifest is part of completeness: a
+checkpoint that has its final name has its manifest, and a kill at any moment leaves either
+a temporary directory (deleted at the next launch) or a finished checkpoint with its manifest.
+The meta of such a checkpoint also records `MANIFEST_KEY`. The rule when resuming:
+- a checkpoint whose manifest holds (sizes, then checksums; every item) is used;
+- one whose manifest does not hold (a truncated, changed or missing file, a missing item), or
+  that has no manifest although its meta says it was written with one, is not trusted;
+- one without a manifest whose meta has no `MANIFEST_KEY` predates manifests: it is used
+  without verification, with one warning line (orbax's own read errors still reject it).
+The newest trusted checkpoint is resumed from; each newer one that was not trusted is one
+warning line on stderr naming the damaged item, and is moved to `checkpoints/rejected/<step>`
+(never deleted: it is the user's to inspect or remove), so that the run can write that step
+again. When checkpoints exist and none is trusted the run stops with CheckpointError (one
+`error:` line, exit status 2) before changing anything. Process 0 verifies and every process
+follows its verdict (`any_process`). Verifying reads every byte of the checkpoint once (the
+trainable leaves, the optimizer state, the data and meta items) per launch, and writing the
+manifest reads the items once more after the save (in the writer thread for asynchronous
+saves). Checkpoints of the layout before the trainable leaves and the optimizer were split
+(one `state` item) cannot be read: CheckpointError says so.
 """
 
 from __future__ import annotations
@@ -23,15 +48,17 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from longlora_jax.errors import CheckpointError, first_line
-from longlora_jax.io import run
+from longlora_jax.io import manifest, run
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.parallel.distributed import any_process, is_main_process
 
@@ -58,6 +85,9 @@ def _optimizer_part(state: Any) -> dict[str, Any]:
     return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
 
 
+# Where checkpoints that were not trusted are moved when the run resumes from an older one.
+REJECTED = "rejected"
+
 # tensorstore (under orbax) reports a failed file write as a ValueError carrying the OS error.
 _TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
 
@@ -76,10 +106,12 @@ class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int,
                  async_save: bool = True):
         self.every = every
-        self.manager = run.checkpoint_manager(workdir, keep=keep, async_save=async_save)
+        self._async = async_save
+        self.manager = run.checkpoint_manager(workdir, keep=keep, on_written=self._write_manifest)
         self.directory = pathlib.Path(self.manager.directory)
         self._pending: int | None = None  # the step an asynchronous save may still be writing
         self._failed = False
+        self._problems: dict[int, str | None] = {}  # step -> why it is not trusted (None: it is)
 
     def steps(self) -> list[int]:
         """Finished checkpoints, oldest first."""
@@ -114,7 +146,7 @@ class Checkpointer:
                     run.TRAINABLE: ocp.args.StandardSave(state.trainable),
                     run.OPTIMIZER: ocp.args.StandardSave(_optimizer_part(state)),
                     run.DATA: grain.checkpoint.CheckpointSave(data_iterator),
-                    run.META: ocp.args.JsonSave(dict(meta)),
+                    run.META: ocp.args.JsonSave({**meta, run.MANIFEST_KEY: manifest.VERSION}),
                 }),
                 force=True,
             )
@@ -123,7 +155,19 @@ class Checkpointer:
             if failure is None:
                 raise
             raise failure from None
+        if not self._async:
+            self.wait()
         return saved
+
+    def _write_manifest(self) -> None:
+        """orbax's hook (process 0, its writer thread): the manifest of the save being
+        finished, written into its temporary directory before orbax renames it."""
+        step = self._pending
+        found = list(self.directory.glob(f"{step}{ocp.path.step.TMP_DIR_SUFFIX}*"))
+        if step is None or len(found) != 1:
+            raise RuntimeError(f"cannot find the temporary directory of checkpoint {step} in "
+                               f"{self.directory} to write its manifest (found {found})")
+        manifest.write(found[0], run.ITEMS)
 
     def _kept(self, failed: int) -> str:
         good = [s for s in self.steps() if s != failed]
@@ -159,12 +203,31 @@ class Checkpointer:
             f"{self._kept(step)}; free some space or fix the permissions and rerun the same "
             "command to resume")
 
+    def _problem(self, step: int) -> str | None:
+        """Why checkpoint `step` is not trusted (`run.checkpoint_problem`), None if it is;
+        process 0 verifies, every process gets the verdict. CheckpointError for a layout this
+        version cannot read."""
+        if step not in self._problems:
+            run.check_layout(self.manager, step)
+            problem = run.checkpoint_problem(self.manager, step) if is_main_process() else None
+            if any_process(problem is not None) and problem is None:
+                problem = "it does not verify (process 0 says why)"
+            self._problems[step] = problem
+        return self._problems[step]
+
     def check_compatible(self, expected: Mapping[str, Any]) -> None:
-        """CheckpointError if the newest readable checkpoint's fingerprint differs."""
-        found = run.newest_readable_meta(self.manager)
-        if found is None:
+        """CheckpointError if the newest trusted checkpoint's fingerprint differs."""
+        for step in reversed(self.steps()):
+            if self._problem(step) is not None:
+                continue
+            try:
+                meta = run.read_meta(self.manager, step)
+            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+                self._problems[step] = f"its meta is unreadable ({first_line(err)})"
+                continue
+            break
+        else:
             return
-        _, meta = found
         if "model" not in meta:
             raise CheckpointError(f"{self.directory} holds checkpoints of an older longlora_jax "
                                   "(no model config in their meta); use a new --workdir")
@@ -179,27 +242,62 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any,
                        data_iterator: Any) -> tuple[Any, int, dict[str, Any]] | None:
-        """(state, step, meta) from the newest restorable checkpoint, or None if there is none.
+        """(state, step, meta) from the newest trusted checkpoint, or None if there is none.
 
-        The data iterator is restored in place. A damaged newest checkpoint is reported and
-        the previous one is tried; the damaged one is left on disk for inspection.
+        The data iterator is restored in place. Each newer checkpoint that is not trusted
+        (see the module docstring) is one warning line and is moved to `checkpoints/rejected`,
+        not deleted. CheckpointError (nothing changed) when checkpoints exist and none is
+        trusted.
         """
+        rejected: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                    run.TRAINABLE: ocp.args.StandardRestore(abstract_state.trainable),
-                    run.OPTIMIZER: ocp.args.StandardRestore(_optimizer_part(abstract_state)),
-                    run.DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-                    run.META: ocp.args.JsonRestore(),
-                }))
-            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
-                print(f"warning: checkpoint {self.directory / str(step)} is unreadable "
-                      f"({first_line(err)}); falling back to the previous one", flush=True)
+            problem = self._problem(step)
+            if problem is None:
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                        run.TRAINABLE: ocp.args.StandardRestore(abstract_state.trainable),
+                        run.OPTIMIZER: ocp.args.StandardRestore(_optimizer_part(abstract_state)),
+                        run.DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+                        run.META: ocp.args.JsonRestore(),
+                    }))
+                except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+                    problem = f"it is unreadable ({first_line(err)})"
+            if problem is not None:
+                rejected.append((step, problem))
                 continue
+            self._set_aside(rejected, step)
             rest = restored[run.OPTIMIZER]
             state = abstract_state.replace(trainable=restored[run.TRAINABLE], **rest)
             return state, step, restored[run.META]
+        if rejected:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be trusted: "
+                + "; ".join(f"step {step}: {problem}" for step, problem in rejected)
+                + "; nothing was deleted or moved: move them away or use a new --workdir")
         return None
+
+    def _set_aside(self, rejected: list[tuple[int, str]], resumed: int) -> None:
+        """Moves the checkpoints that were not trusted to `checkpoints/rejected/<step>` (one
+        warning line each, process 0), so that the resumed run can save those steps again."""
+        if not rejected:
+            return
+        if is_main_process():
+            for step, problem in rejected:
+                target = self.directory / REJECTED / str(step)
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = self.directory / REJECTED / f"{step}.{n}"
+                target.parent.mkdir(exist_ok=True)
+                os.rename(self.directory / str(step), target)
+                print(f"warning: checkpoint {self.directory / str(step)} is not trusted: "
+                      f"{problem}; resuming from checkpoint {resumed} instead; this one is moved "
+                      f"to {target} (not deleted)", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("longlora_jax checkpoints set aside")
+        self.manager.reload()
+        for step, _ in rejected:
+            self._problems.pop(step, None)
 
     def wait(self) -> None:
         """Blocks until async saves are on disk; CheckpointError (one line) if one failed."""
