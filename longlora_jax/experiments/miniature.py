@@ -365,9 +365,10 @@ def _finetune(scale: Scale, variant: Variant, base_dir: pathlib.Path, seed: int,
     The full-attention tail: S2 to 3/4 of the steps, then the same run resumed with full
     attention to the end."""
     config = finetune_config(scale, variant, base_dir, seed, steps)
-    run_dir = workdir / _digest(config)
     if not variant.full_tail:
+        run_dir = workdir / _digest(config)
         return run_dir, config, train(config, run_dir)["train_seconds"]
+    run_dir = workdir / f"{_digest(config)}-full-tail"  # its S2 part has the S2 row's config
     train(_with_steps(config, steps * 3 // 4), run_dir)
     tail = finetune_config(scale, variant, base_dir, seed, steps, attention="full")
     return run_dir, config, train(tail, run_dir)["train_seconds"]

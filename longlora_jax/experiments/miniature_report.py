@@ -65,9 +65,11 @@ def repeat_ppl(result: dict[str, Any], bucket: str | None = None) -> float:
 
 def _metrics(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any]], float]]:
     target = str(report["scale"]["base_context"] * report["scale"]["factor"])
+    twice = str(2 * int(target))
     far = [f"{lo}-{hi}" for lo, hi in report["buckets"]][1:]  # beyond one group
     return {
         "text_ppl": lambda r: r["ppl"][target],
+        "text_ppl_2x": lambda r: r["ppl"][twice],
         "text_ppl_s2": lambda r: r["sparse"]["ppl"][target],
         "repeat_ppl": lambda r: repeat_ppl(r["tasks"]),
         "niah_acc": lambda r: niah_accuracy(r["tasks"]),
@@ -141,6 +143,10 @@ CLAIMS = (
      "LoRA+, S2-Attn (LongLoRA)", "LoRA+, full attention", "niah_acc", True),
     ("S2-Attn fine-tunes as well as full attention (full FT), text", "full FT, S2-Attn",
      "full FT, full attention", "text_ppl", False),
+    ("S2-Attn as good as full attention (LoRA+), text at twice the target",
+     "LoRA+, S2-Attn (LongLoRA)", "LoRA+, full attention", "text_ppl_2x", False),
+    ("S2-Attn as good as full attention (full FT), text at twice the target",
+     "full FT, S2-Attn", "full FT, full attention", "text_ppl_2x", False),
     ("the shift is needed: S2 beats short attention, retrieval beyond one group",
      "LoRA+, S2-Attn (LongLoRA)", "LoRA+, short attention (no shift)", "niah_acc_far", True),
     ("the shift is needed: S2 beats short attention, repeated passages",
