@@ -8,13 +8,18 @@ perplexity by distance, held-out text and cost (`longlora_jax.experiments.miniat
 The keys are documented in `longlora_jax.experiments.miniature.default_config`.
 """
 
+import pathlib
 import sys
 
 from longlora_jax.cli import Command, run_command
 from longlora_jax.experiments.miniature import MINIATURE, QUICK, default_config, run_miniature
+from longlora_jax.experiments.miniature_report import rewrite_report
 
 
 def _run(config) -> int:
+    if config.report_only:
+        rewrite_report(pathlib.Path(config.out))
+        return 0
     run_miniature(config.out, QUICK if config.quick else MINIATURE, workdir=config.workdir)
     return 0
 

@@ -382,9 +382,10 @@ def _with_steps(config: ml_collections.ConfigDict, steps: int) -> ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
     """The miniature command's settings: out (report directory), workdir (runs; the pretrained
-    base is cached there), quick (toy sizes, the same code end to end)."""
+    base is cached there), quick (toy sizes, the same code end to end), report_only (render
+    OUT/results.json's measurements again, training and measuring nothing)."""
     return ml_collections.ConfigDict(dict(out="docs/miniature", workdir="runs/miniature",
-                                          quick=False))
+                                          quick=False, report_only=False))
 
 
 def run_miniature(out: str | pathlib.Path, scale: Scale = MINIATURE, *,
