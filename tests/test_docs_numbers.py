@@ -230,6 +230,67 @@ def _passkey_best():
     return f"{best * trials:.0f}/{trials}"
 
 
+LONG = "docs/miniature/results.json"  # the long-range miniature
+# LoRA+ with S2, LoRA+ with full attention, full fine-tuning with full attention
+LS2, LP, LFULL = "LoRA+, S2-Attn (LongLoRA)", "LoRA+, full attention", "full FT, full attention"
+
+
+def _long(variant, steps, metric="text_ppl"):
+    """A summary mean of the long-range miniature, as its page writes it."""
+    return f"{get(LONG, 'summary', variant, steps, metric)[0]:.2f}"
+
+
+def _long_cost(variant, key):
+    return by(load(LONG)["variants"], "variant", variant)["cost"][key]
+
+
+def _long_window(task, key):
+    rows = by(load(LONG)["variants"], "variant", "base, no PI (no fine-tuning)")
+    (cell,) = rows["results"]["0"]["-"]["at_window"][task].values()
+    return f"{cell[key]:.2f}"
+
+
+def _long_verdicts(steps, claim):
+    (row,) = [c for c in load(LONG)["claims"] if c["steps"] == steps and c["claim"] == claim]
+    return row["verdict"]
+
+
+LONG_PAGE = "docs/miniature.md"
+LONG_CELLS = [
+    (_long_window("niah_single", "accuracy"), "base at its window: niah accuracy"),
+    (_long_window("repeat", "ppl"), "base at its window: repeat ppl"),
+    (f"{_long(LS2, '1x')} vs {_long(LP, '1x')}", "LoRA+ S2 vs full, 1x"),
+    (f"{_long(LS2, '4x')} vs {_long(LP, '4x')}", "LoRA+ S2 vs full, 4x"),
+    (f"{_long('full FT, S2-Attn', '4x')} vs {_long(LFULL, '4x')}", "full FT S2 vs full, 4x"),
+    (f"{_long(LS2, '4x', 'text_ppl_2x')} vs {_long(LP, '4x', 'text_ppl_2x')}", "2x target"),
+    (f"{_long('full FT, S2-Attn', '4x', 'text_ppl_2x')} vs "
+     f"{_long(LFULL, '4x', 'text_ppl_2x')}", "full FT at 2x target"),
+    (f"{_long(LS2, '4x', 'text_ppl_s2')} vs {_long(LS2, '4x')}", "S2-eval vs full-eval"),
+    (f"{_long('LoRA large rank, S2-Attn', '4x', 'text_ppl_s2')} vs "
+     f"{_long('LoRA large rank, S2-Attn', '4x')}", "rank 64: S2-eval vs full-eval"),
+    (f"{_long('LoRA+, S2-Attn, last 1/4 full attention', '4x', 'text_ppl_2x')} vs "
+     f"{_long(LS2, '4x', 'text_ppl_2x')}", "tail vs S2 at 2x"),
+    (f"full attention's {_long(LP, '4x', 'text_ppl_2x')}", "full attention at 2x"),
+    (f"({_long('LoRA+, S2-Attn + sinks', '4x', 'text_ppl_2x')}, not decided)", "sinks at 2x"),
+    (f"({_long('LoRA+, S2-Attn, last 1/4 full attention', '4x')} and "
+     f"{_long('LoRA+, S2-Attn + sinks', '4x')} vs {_long(LS2, '4x')})", "fixes at the target"),
+    (f"({_long(LS2, '4x')} vs {_long('LoRA, S2-Attn', '4x')} at 100 steps)", "LoRA+ vs LoRA"),
+    (f"({_long('LoRA+, S2-Attn, wrap (Algorithm 1)', '4x')} vs {_long(LS2, '4x')})", "wrap"),
+    (f"({_long_cost(LS2, 'attention_gflop'):.2f} vs {_long_cost(LP, 'attention_gflop'):.2f} "
+     "GFLOP", "attention GFLOP per step"),
+    (f"takes {_long_cost(LS2, 'seconds_per_step'):.2f} s against "
+     f"{_long_cost(LP, 'seconds_per_step'):.2f} s", "seconds per step"),
+    (f"sinks add {_long_cost('LoRA+, S2-Attn + sinks', 'seconds_per_step'):.2f} s", "sinks step"),
+]
+LONG_VERDICTS = [  # (steps, claim, verdict the page states)
+    ("4x", "S2-Attn as good as full attention (LoRA+), text at twice the target", "fails"),
+    ("4x", "S2-Attn as good as full attention (full FT), text at twice the target", "fails"),
+    ("4x", "a full-attention tail closes the S2 gap, text at twice the target", "holds"),
+    ("4x", "sinks close the S2 gap, text at twice the target", "not decided"),
+    ("4x", "S2-Attn fine-tunes as well as full attention (LoRA+), text", "not decided"),
+    ("4x", "LoRA+ beats LoRA, text", "not decided"),
+]
+
 # (text the README must contain in its headline table, the value it is formatted from)
 README_CELLS = [
     (f"{_train(2048, 'speedup'):.2f}×", "docs/bench/train_30_layers.json N=2048 speedup"),
@@ -252,12 +313,12 @@ README_CELLS = [
     (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs bf16"),
     (pct(_quant("smollm2 (int4)")), "int4 ppl vs bf16"),
     (f"{get('docs/qlora/train_step.json', 'rows', 0, 'nf4/plain'):.2f}×", "nf4 step vs bf16"),
-    (f"{_mini('full FT, S2-Attn'):.2f}", "miniature: full FT + S2, ppl @2048"),
-    (f"{_mini('full FT, full attention'):.2f}", "miniature: full FT + full, ppl @2048"),
-    (pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")), "S2 vs full @2048"),
-    (f"{_mini_cost('full FT, S2-Attn'):.1f}", "miniature: S2 attention GFLOP/step"),
-    (f"{_mini_cost('full FT, full attention'):.1f}", "miniature: full attention GFLOP/step"),
-    (_passkey_best(), "miniature: best passkey of any variant"),
+    (_long(LS2, "4x"), "long miniature: LoRA+ S2 @1024, 4x"),
+    (_long(LP, "4x"), "long miniature: LoRA+ full @1024, 4x"),
+    (_long(LS2, "4x", "text_ppl_2x"), "long miniature: LoRA+ S2 @2048, 4x"),
+    (_long(LP, "4x", "text_ppl_2x"), "long miniature: LoRA+ full @2048, 4x"),
+    (_long("LoRA+, S2-Attn, last 1/4 full attention", "4x", "text_ppl_2x"),
+     "long miniature: LoRA+ S2 + full tail @2048, 4x"),
     (f"{_demo('smollm2 (rope linear x4)'):.1f}", "demo eval: PI x4 untrained @8192"),
     (f"{_demo('demo'):.1f}", "demo eval: fine-tuned @8192"),
 ]
@@ -286,7 +347,8 @@ DOC_CELLS = [
 ]
 
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
-README_LABELS = {"2", "4", "8", "20", "30", "70", "135", "256", "2048", "8192", "16384"}
+README_LABELS = {"2", "4", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
+                 "16384"}
 NUMBER = r"(?<![A-Za-z\d.])\d+(?:[.,]\d+)*"   # not the digits of a name (bf16, int4, S2)
 
 
@@ -346,3 +408,11 @@ if __name__ == "__main__":
     print("<!-- README headline cells -->")
     for cell, what in README_CELLS:
         print(f"{cell!r:>12}  {what}")
+
+
+def test_the_long_range_miniature_page_quotes_its_results():
+    page = (ROOT / LONG_PAGE).read_text().replace("\n", " ")
+    missing = [(text, what) for text, what in LONG_CELLS if text not in page]
+    assert not missing, f"{LONG_PAGE} does not quote these numbers of {LONG}: {missing}"
+    for steps, claim, verdict in LONG_VERDICTS:
+        assert _long_verdicts(steps, claim) == verdict, (steps, claim)
