@@ -24,5 +24,5 @@ def get_config(variant: str = "tpu"):
         tpu=Layout({"sequence": 4}, micro_batch=1, topology="v4-8"),
         gpu=Layout({"fsdp": 2, "sequence": 4}, micro_batch=2),
     )
-    c.model.quantize = "nf4"  # measured better than int4 at the same bytes (README)
+    c.model.quantize = "nf4"  # measured better than int4 at the same bytes (docs/qlora.md)
     return c
