@@ -323,8 +323,9 @@ README_CELLS = [
     (f"{_demo('demo'):.1f}", "demo eval: fine-tuned @8192"),
 ]
 
-# Numbers in the prose of the docs pages (page, text it must contain, what it is)
+# Numbers in the prose of the docs pages and the README (page, text it must contain, what)
 DOC_CELLS = [
+    ("README.md", f"{get('docs/tests/tier1.json', 'seconds') / 60:.1f} min", "tier one time"),
     ("docs/miniature_bytes.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
      "S2 vs full attention, full FT, @2048"),
     ("docs/miniature_bytes.md",
