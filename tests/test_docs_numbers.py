@@ -326,6 +326,7 @@ README_CELLS = [
 # Numbers in the prose of the docs pages and the README (page, text it must contain, what)
 DOC_CELLS = [
     ("README.md", f"{get('docs/tests/tier1.json', 'seconds') / 60:.1f} min", "tier one time"),
+    ("README.md", f"{get('docs/tests/tier2.json', 'seconds') / 60:.1f} min", "tier two time"),
     ("docs/miniature_bytes.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
      "S2 vs full attention, full FT, @2048"),
     ("docs/miniature_bytes.md",
