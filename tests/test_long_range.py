@@ -137,3 +137,17 @@ def test_scoring_equals_the_argmax_of_the_full_logits():
                 (predicted == row.tokens[span.start:span.end]).all())
     table = by_bucket(results, [(0, 128)])
     assert set(table) == set(TASKS) and table["repeat"]["0-128"]["rows"] == 2
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("tasks", ("needle",), "unknown long-range task"),
+    ("task_fraction", 2.0, "task_fraction=2.0 must be in"),
+    ("task_answer_weight", 0.0, "task_answer_weight=0.0 must be > 0"),
+    ("task_min_distance", 0, "task_min_distance=0 must be >= 1"),
+])
+def test_bad_task_settings_are_one_line_errors(field, value, message):
+    config = default_data_config()
+    config.source, config.prefetch = "offline_essays", 0
+    config[field] = value
+    with pytest.raises(ConfigError, match=message):
+        make_train_iterator(config, TOK, seq_len=64, global_batch=1)

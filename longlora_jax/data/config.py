@@ -110,18 +110,17 @@ def check_data_config(cfg: ml_collections.ConfigDict, *, for_eval: bool = False)
     for field in ("heldout_essays", "heldout_books", "prefetch"):
         if int(cfg[field]) < 0:
             raise ConfigError(f"data.{field}={cfg[field]} must be >= 0")
-    if cfg.tasks:
-        check_tasks(cfg.tasks)
-        if cfg.source == "sft_json":
-            raise ConfigError("data.tasks plant tasks in text documents; data.source "
-                              "'sft_json' has examples, not text")
-        if not 0.0 <= cfg.task_fraction <= 1.0:
-            raise ConfigError(f"data.task_fraction={cfg.task_fraction} must be in [0, 1]")
-        if cfg.task_answer_weight <= 0:
-            raise ConfigError(f"data.task_answer_weight={cfg.task_answer_weight} must be > 0")
-        if cfg.task_min_distance < 1 or cfg.task_max_distance < 0:
-            raise ConfigError(f"data.task_min_distance={cfg.task_min_distance} must be >= 1 "
-                              f"and data.task_max_distance={cfg.task_max_distance} >= 0")
+    check_tasks(cfg.tasks)
+    if cfg.tasks and cfg.source == "sft_json":
+        raise ConfigError("data.tasks plant tasks in text documents; data.source "
+                          "'sft_json' has examples, not text")
+    if not 0.0 <= cfg.task_fraction <= 1.0:
+        raise ConfigError(f"data.task_fraction={cfg.task_fraction} must be in [0, 1]")
+    if cfg.task_answer_weight <= 0:
+        raise ConfigError(f"data.task_answer_weight={cfg.task_answer_weight} must be > 0")
+    if cfg.task_min_distance < 1 or cfg.task_max_distance < 0:
+        raise ConfigError(f"data.task_min_distance={cfg.task_min_distance} must be >= 1 "
+                          f"and data.task_max_distance={cfg.task_max_distance} >= 0")
     if cfg.cache_docs < 1:
         raise ConfigError(f"data.cache_docs={cfg.cache_docs} must be >= 1")
 
