@@ -92,17 +92,14 @@ class _Row:
         return start >= 0 and start + size <= len(self.tokens) and not self.used[
             start:start + size].any()
 
-    def write(self, start: int, pieces: Sequence[np.ndarray]) -> list[int]:
-        """Writes the pieces one after the other from `start`; returns each piece's start."""
-        starts, at = [], start
-        for piece in pieces:
-            starts.append(at)
-            at += len(piece)
-        if not self.free(start, at - start):
-            raise ValueError(f"write [{start}, {at}) overlaps or leaves the row")
-        self.tokens[start:at] = np.concatenate(pieces)
-        self.used[start:at] = True
-        return starts
+    def write(self, start: int, pieces: Sequence[np.ndarray]) -> None:
+        """Writes the pieces one after the other from `start`."""
+        tokens = np.concatenate(pieces)
+        end = start + len(tokens)
+        if not self.free(start, len(tokens)):
+            raise ValueError(f"write [{start}, {end}) overlaps or leaves the row")
+        self.tokens[start:end] = tokens
+        self.used[start:end] = True
 
 
 def _place_free(rng: np.random.Generator, row: _Row, size: int, lo: int, hi: int,
@@ -157,9 +154,8 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
         links = [[prefix, answer, stop]]
         question, tail = prefix, [prefix, answer, stop]
     tail_size = sum(len(p) for p in tail)
-    first_link = links[0][0]
     # the answer's first token sits `distance` after the first read token of links[0]
-    read_offset = len(first_link) if task != "vt" else len(encode(" $"))
+    read_offset = len(links[0][0]) if task != "vt" else len(encode(" $"))
     if answer_at_end:
         q_start = n - tail_size
     else:
