@@ -1,5 +1,6 @@
 """Long-range task rows (data.long_range) and their scoring (evaluation.long_range)."""
 
+import itertools
 import re
 
 import jax
@@ -144,6 +145,7 @@ def test_scoring_equals_the_argmax_of_the_full_logits():
     ("task_fraction", 2.0, "task_fraction=2.0 must be in"),
     ("task_answer_weight", 0.0, "task_answer_weight=0.0 must be > 0"),
     ("task_min_distance", 0, "task_min_distance=0 must be >= 1"),
+    ("tasks_per_row", 0, "tasks_per_row=0 must be >= 1"),
 ])
 def test_bad_task_settings_are_one_line_errors(field, value, message):
     config = default_data_config()
@@ -151,3 +153,25 @@ def test_bad_task_settings_are_one_line_errors(field, value, message):
     config[field] = value
     with pytest.raises(ConfigError, match=message):
         make_train_iterator(config, TOK, seq_len=64, global_batch=1)
+
+
+def test_several_tasks_in_one_row_keep_their_own_answers():
+    docs = [filler(2000, 9)]
+    rows = [training_row(np.random.default_rng([1, i]), docs, 257, TASKS, 1.0, 16, 128,
+                         ENCODE, tasks_per_row=3) for i in range(40)]
+    counts = [len(r.spans) for r in rows]
+    assert max(counts) == 3 and np.mean(counts) > 1.5  # as many as fit, up to three
+    for row in rows:
+        spans = sorted(row.spans, key=lambda s: s.start)
+        for a, b in itertools.pairwise(spans):
+            assert a.end <= b.start  # no task writes over another's answer
+        for span in row.spans:
+            answer = row.tokens[span.start:span.end]
+            if span.task == "repeat":  # the copy still equals its source
+                start = span.start - REPEAT_WARMUP
+                np.testing.assert_array_equal(
+                    row.tokens[start:start + REPEAT_TOKENS],
+                    row.tokens[start - span.distance:start - span.distance + REPEAT_TOKENS])
+            elif span.task != "vt":  # the needle's value sits `distance` back, intact
+                source = span.start - span.distance
+                np.testing.assert_array_equal(row.tokens[source:source + len(answer)], answer)

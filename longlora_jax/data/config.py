@@ -53,7 +53,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     tasks            long-range tasks planted in the text rows (`data.long_range`: niah_single,
                      niah_multikey, repeat, vt); () = plain text. With tasks, every row is
                      seq_len + 1 tokens of one random text slice (one row per example).
-    task_fraction    share of the rows that carry a task (the others are plain text).
+    task_fraction    share of the rows that carry tasks (the others are plain text).
+    tasks_per_row    how many tasks such a row carries (as many as fit, up to this).
     task_min_distance / task_max_distance  how far back (tokens) a task's answer is read,
                      uniform in [min, max]; max 0 = seq_len.
     task_answer_weight  loss weight of a task's answer tokens (the rest of the row: 1).
@@ -77,6 +78,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.shuffle = True
     cfg.tasks = ()
     cfg.task_fraction = 0.5
+    cfg.tasks_per_row = 1
     cfg.task_min_distance = 16
     cfg.task_max_distance = 0
     cfg.task_answer_weight = 1.0
@@ -116,6 +118,8 @@ def check_data_config(cfg: ml_collections.ConfigDict, *, for_eval: bool = False)
                           "'sft_json' has examples, not text")
     if not 0.0 <= cfg.task_fraction <= 1.0:
         raise ConfigError(f"data.task_fraction={cfg.task_fraction} must be in [0, 1]")
+    if cfg.tasks_per_row < 1:
+        raise ConfigError(f"data.tasks_per_row={cfg.tasks_per_row} must be >= 1")
     if cfg.task_answer_weight <= 0:
         raise ConfigError(f"data.task_answer_weight={cfg.task_answer_weight} must be > 0")
     if cfg.task_min_distance < 1 or cfg.task_max_distance < 0:

@@ -125,22 +125,30 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
     `answer_at_end` puts the scored span at the row's end (RULER's question position); else
     anywhere that fits. ValueError when the task cannot fit in L tokens at that distance.
     """
+    row = _Row(filler)
+    span = _plant(rng, row, task, distance, encode, answer_at_end=answer_at_end)
+    return TaskRow(row.tokens, (span,))
+
+
+def _plant(rng: np.random.Generator, row: _Row, task: str, distance: int,
+           encode: Callable[[str], np.ndarray], *, answer_at_end: bool = False) -> Span:
+    """Writes `task` over the free tokens of `row`; its scored span. ValueError (the row
+    unchanged) when it does not fit there at that distance."""
     check_tasks([task])
-    row, n = _Row(filler), len(filler)
+    n = len(row.tokens)
     if task == "repeat":
         size = REPEAT_TOKENS
         if distance < size:
             raise ValueError(f"repeat distance {distance} < passage length {size}")
         last = n - size if answer_at_end else int(rng.integers(distance, n - size + 1))
         src = last - distance
-        if src < 0:
+        if src < 0 or not (row.free(src, size) and row.free(last, size)):
             raise ValueError(f"repeat distance {distance} does not fit in {n} tokens")
         letters = "".join(rng.choice(list(string.ascii_lowercase + " "), 2 * size))
         passage = encode(letters)[:size]
         row.write(src, [passage])
         row.write(last, [passage])
-        span = Span(task, last + REPEAT_WARMUP, last + size, distance)
-        return TaskRow(row.tokens, (span,))
+        return Span(task, last + REPEAT_WARMUP, last + size, distance)
 
     if task == "vt":
         value, names = _digits(rng, 5), [_name(rng) for _ in range(VT_HOPS)]
@@ -164,15 +172,24 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
     a_start = q_start + len(question)
     l_start = a_start - distance - read_offset
     link_size = sum(len(p) for p in links[0])
-    if q_start < 0 or l_start < 0 or l_start + link_size > q_start:
+    if (q_start < 0 or l_start < 0 or l_start + link_size > q_start
+            or not (row.free(q_start, tail_size) and row.free(l_start, link_size))):
         raise ValueError(f"{task} at distance {distance} does not fit in {n} tokens")
-    row.write(q_start, tail)
-    row.write(l_start, links[0])
-    for link in links[1:]:  # vt: later hops between the first link and the question
+    hops = []  # vt: later hops between the first link and the question, placed before writing
+    used = row.used.copy()
+    row.used[q_start:q_start + tail_size] = row.used[l_start:l_start + link_size] = True
+    for link in links[1:]:
         size = sum(len(p) for p in link)
         start = _place_free(rng, row, size, l_start + link_size, q_start)
         if start is None:
+            row.used = used
             raise ValueError(f"vt chain does not fit at distance {distance}")
+        row.used[start:start + size] = True
+        hops.append((start, link))
+    row.used = used
+    row.write(q_start, tail)
+    row.write(l_start, links[0])
+    for start, link in hops:
         row.write(start, link)
     if task == "niah_multikey":
         keys = {key}
@@ -185,8 +202,7 @@ def build_row(rng: np.random.Generator, filler: np.ndarray, task: str, distance:
             start = _place_free(rng, row, sum(len(p) for p in other), 0, n)
             if start is not None:
                 row.write(start, list(other))
-    span = Span(task, a_start, a_start + len(answer), distance)
-    return TaskRow(row.tokens, (span,))
+    return Span(task, a_start, a_start + len(answer), distance)
 
 
 def filler_slice(rng: np.random.Generator, docs: Sequence[np.ndarray], length: int
@@ -205,21 +221,26 @@ def filler_slice(rng: np.random.Generator, docs: Sequence[np.ndarray], length: i
 
 def training_row(rng: np.random.Generator, docs: Sequence[np.ndarray], length: int,
                  tasks: Sequence[str], task_fraction: float, min_distance: int,
-                 max_distance: int, encode: Callable[[str], np.ndarray]) -> TaskRow:
-    """A training row: with probability `task_fraction` one task at a distance drawn uniformly
-    from [min_distance, max_distance] among those at which it fits (8 draws; a row where none
-    fits stays plain text), else plain text."""
+                 max_distance: int, encode: Callable[[str], np.ndarray],
+                 tasks_per_row: int = 1) -> TaskRow:
+    """A training row: with probability `task_fraction` up to `tasks_per_row` tasks (each
+    drawn from `tasks`) at distances drawn uniformly from [min_distance, max_distance] among
+    those at which they fit beside what is already written (8 draws each; a task that never
+    fits is left out, so a row may stay plain text), else plain text."""
     filler = filler_slice(rng, docs, length)
     if not tasks or rng.random() >= task_fraction:
         return TaskRow(filler.astype(np.int32), ())
-    task = tasks[int(rng.integers(len(tasks)))]
-    for _ in range(8):
-        distance = int(rng.integers(min_distance, max(min_distance, max_distance) + 1))
-        try:
-            return build_row(rng, filler, task, distance, encode)
-        except ValueError:
-            continue
-    return TaskRow(filler.astype(np.int32), ())
+    row, spans = _Row(filler), []
+    for _ in range(tasks_per_row):
+        task = tasks[int(rng.integers(len(tasks)))]
+        for _ in range(8):
+            distance = int(rng.integers(min_distance, max(min_distance, max_distance) + 1))
+            try:
+                spans.append(_plant(rng, row, task, distance, encode))
+                break
+            except ValueError:
+                continue
+    return TaskRow(row.tokens, tuple(spans))
 
 
 def eval_rows(seed: int, docs: Sequence[np.ndarray], length: int, task: str,

@@ -168,7 +168,7 @@ def _task_examples(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, docs, *
     def build(i: int) -> Example:
         row = long_range.training_row(
             np.random.default_rng([seed, i]), tokens, seq_len + 1, tuple(cfg.tasks),
-            cfg.task_fraction, cfg.task_min_distance, max_distance, encode)
+            cfg.task_fraction, cfg.task_min_distance, max_distance, encode, cfg.tasks_per_row)
         weights = np.ones(seq_len + 1, np.float32)
         for span in row.spans:
             weights[span.start:span.end] = cfg.task_answer_weight

@@ -352,13 +352,6 @@ def _trainable(config: ml_collections.ConfigDict) -> int:
     return trainable_summary(abstract, trainable_labels(abstract, config.lora.mode))[1]
 
 
-def _trainable(config: ml_collections.ConfigDict) -> int:
-    cfg, _ = model_config(config)
-    model = LlamaForCausalLM(cfg)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
-    return trainable_summary(abstract, trainable_labels(abstract, config.lora.mode))[1]
-
-
 def _finetune(scale: Scale, variant: Variant, base_dir: pathlib.Path, seed: int, steps: int,
               workdir: pathlib.Path) -> tuple[pathlib.Path, ml_collections.ConfigDict, float]:
     """Trains the variant to `steps` (cached by config); its run dir, config and seconds.
