@@ -3,11 +3,14 @@
 `run_miniature(out, scale)` runs the whole experiment with the library's own machinery:
 
 1. **Base.** A small LLaMA (byte tokenizer) is pretrained from scratch by `training.loop.train`
-   at a short window on the offline books and essays (*Persuasion* and five essays held out),
-   half of its rows carrying a long-range task (`data.long_range`: needle retrieval with and
-   without distractors, a repeated passage, variable tracking) at distances up to that window,
-   so it has the skill inside its window. Exported as an HF checkpoint and cached in the
-   workdir under a hash of its settings.
+   on the offline books and essays (*Persuasion* and five essays held out) in two stages:
+   rows of `short_context` tokens dense with single needles (among few keys the retrieval
+   circuit is found fast), then rows of its window, most carrying long-range tasks
+   (`data.long_range`: needle retrieval with and without distractors, a repeated passage,
+   variable tracking) at distances up to that window, so it has the skill inside its window.
+   Trained at its window alone, it never found retrieval (1500 steps at chance; the page
+   says so). Each stage is exported as an HF checkpoint, cached in the workdir under a hash
+   of the settings.
 2. **Extension** to `factor` x the window with linear position interpolation (PI).
 3. **Variants**, each fine-tuned from the base on the same mixture with distances up to the
    target, the same steps, schedule and learning rate, for every seed: full fine-tuning with
@@ -77,7 +80,10 @@ class Scale:
     mlp: int
     base_context: int
     factor: int
-    pretrain_steps: int
+    short_context: int  # the base's first stage: rows this long, single needles only
+    short_steps: int
+    short_batch: int
+    pretrain_steps: int  # the second stage, at the base window, all tasks
     pretrain_batch: int
     pretrain_lr: float
     finetune_steps: int  # "1x"; every variant is also measured at `long_factor` x as many
@@ -87,7 +93,8 @@ class Scale:
     rank: int
     big_rank: int
     sink_tokens: int
-    task_fraction: float  # share of training rows carrying a long-range task
+    task_fraction: float  # share of training rows carrying long-range tasks
+    tasks_per_row: int  # how many tasks such a row carries (as many as fit)
     answer_weight: float  # loss weight of the tasks' answer tokens in training rows
     eval_tokens: int  # scored text tokens per length and model (non-overlapping windows)
     task_rows: int  # evaluation rows per task and distance bucket (repeat, niah: 2x)
@@ -103,14 +110,18 @@ class Scale:
 
 
 MINIATURE = Scale(layers=4, hidden=128, heads=4, mlp=512, base_context=256, factor=4,
-                  pretrain_steps=1500, pretrain_batch=16, pretrain_lr=2e-3,
+                  short_context=64, short_steps=450, short_batch=64,
+                  pretrain_steps=1200, pretrain_batch=16, pretrain_lr=2e-3,
                   finetune_steps=25, long_factor=4, finetune_batch=2, finetune_lr=1e-3,
-                  rank=8, big_rank=64, sink_tokens=4, task_fraction=0.75, answer_weight=8.0,
+                  rank=8, big_rank=64, sink_tokens=4, task_fraction=0.75, tasks_per_row=2,
+                  answer_weight=8.0,
                   eval_tokens=8192, task_rows=6, seeds=(0, 1))
 QUICK = Scale(layers=2, hidden=32, heads=2, mlp=64, base_context=64, factor=2,
+              short_context=32, short_steps=2, short_batch=4,
               pretrain_steps=4, pretrain_batch=2, pretrain_lr=2e-3, finetune_steps=1,
               long_factor=2, finetune_batch=1, finetune_lr=5e-4, rank=4, big_rank=8,
-              sink_tokens=2, task_fraction=0.5, answer_weight=8.0, eval_tokens=256, task_rows=1,
+              sink_tokens=2, task_fraction=0.5, tasks_per_row=2, answer_weight=8.0,
+              eval_tokens=256, task_rows=1,
               seeds=(0,))
 
 
@@ -171,6 +182,7 @@ def _common(scale: Scale, seed: int) -> ml_collections.ConfigDict:
     c.data.source = "offline_all"  # Persuasion and five essays held out by default
     c.data.tasks = long_range.TASKS
     c.data.task_fraction = scale.task_fraction
+    c.data.tasks_per_row = scale.tasks_per_row
     c.data.task_answer_weight = scale.answer_weight
     c.data.prefetch = 0
     c.optim.schedule = "constant_with_warmup"
@@ -183,8 +195,11 @@ def _common(scale: Scale, seed: int) -> ml_collections.ConfigDict:
     return c
 
 
-def pretrain_config(scale: Scale) -> ml_collections.ConfigDict:
-    """Full training of a random LLaMA at the base context (the experiment's base model)."""
+def pretrain_config(scale: Scale, stage: str = "window") -> ml_collections.ConfigDict:
+    """Full training of the experiment's base, one stage of it (module docstring, step 1):
+    "short" from a random LLaMA at `short_context` tokens, single needles only; "window" at
+    the base context with all tasks (its `model.base`, the short stage's export, is set by
+    `pretrained_base`)."""
     c = _common(scale, seed=0)
     c.model.base = "preset:tiny"
     c.model.overrides = ml_collections.ConfigDict(dict(
@@ -192,19 +207,25 @@ def pretrain_config(scale: Scale) -> ml_collections.ConfigDict:
         intermediate_size=scale.mlp, num_hidden_layers=scale.layers,
         num_attention_heads=scale.heads, num_key_value_heads=scale.heads,
         max_position_embeddings=scale.base_context))
-    c.seq_len = scale.base_context
     c.rope.scaling = "base"
     c.attention.train = "full"
     c.lora.mode = "full"
     c.optim.lr = scale.pretrain_lr
-    c.optim.schedule = "cosine"
-    c.optim.warmup_steps = max(1, scale.pretrain_steps // 20)
-    c.optim.min_lr_ratio = 0.1
-    c.batch.global_batch = scale.pretrain_batch
-    c.max_steps = scale.pretrain_steps
-    c.checkpoint.every = max(1, scale.pretrain_steps // 5)
+    if stage == "short":
+        c.seq_len, c.batch.global_batch, steps = (scale.short_context, scale.short_batch,
+                                                  scale.short_steps)
+        c.data.tasks, c.data.task_fraction = ("niah_single",), 1.0
+        c.optim.warmup_steps = max(1, steps // 10)
+    else:
+        c.seq_len, c.batch.global_batch, steps = (scale.base_context, scale.pretrain_batch,
+                                                  scale.pretrain_steps)
+        c.optim.schedule = "cosine"
+        c.optim.warmup_steps = max(1, steps // 20)
+        c.optim.min_lr_ratio = 0.1
+    c.max_steps = steps
+    c.checkpoint.every = max(1, steps // 5)
     c.checkpoint.keep = 5
-    c.loss_chunk = scale.base_context
+    c.loss_chunk = c.seq_len
     return c
 
 
@@ -243,22 +264,28 @@ def _digest(config: ml_collections.ConfigDict) -> str:
 def pretrained_base(scale: Scale, workdir: pathlib.Path,
                     log: Callable[[str], None]) -> tuple[pathlib.Path, float]:
     """The base as an HF directory, pretrained once per setting (cached in `workdir`), and
-    the seconds its pretraining took (when it ran, cached or not)."""
-    config = pretrain_config(scale)
-    run_dir = workdir / f"base-{_digest(config)}"
-    hf_dir = run_dir / "hf"
-    if (hf_dir / "config.json").is_file():
-        log(f"base: cached in {hf_dir}")
-    else:
-        start = time.perf_counter()
-        summary = train(config, run_dir / "run")
-        run = load_run(run_dir / "run")
-        export_merged(run.cfg, run.variables, hf_dir, overwrite=True)
-        loss = summary["last_metrics"]["loss"]
-        log(f"base: pretrained {scale.pretrain_steps} steps in "
-            f"{time.perf_counter() - start:.0f} s (final loss {loss:.3f}) -> {hf_dir}")
-    summary = json.loads((run_dir / "run" / "summary.json").read_text())
-    return hf_dir, summary["train_seconds"]
+    the seconds its two stages of pretraining took (when they ran, cached or not)."""
+    stages = {name: pretrain_config(scale, name) for name in ("short", "window")}
+    run_dir = workdir / f"base-{_digest(ml_collections.ConfigDict(stages))}"
+    seconds = 0.0
+    for name, config in stages.items():
+        stage_dir = run_dir / name
+        hf_dir = stage_dir / "hf"
+        if name == "window":  # continues from the short stage's weights
+            config.model.base = f"hf:{run_dir / 'short' / 'hf'}"
+            config.model.overrides = ml_collections.ConfigDict()
+        if (hf_dir / "config.json").is_file():
+            log(f"base, {name} stage: cached in {hf_dir}")
+        else:
+            start = time.perf_counter()
+            summary = train(config, stage_dir / "run")
+            run = load_run(stage_dir / "run")
+            export_merged(run.cfg, run.variables, hf_dir, overwrite=True)
+            log(f"base, {name} stage: {config.max_steps} steps at {config.seq_len} tokens in "
+                f"{time.perf_counter() - start:.0f} s (final loss "
+                f"{summary['last_metrics']['loss']:.3f}) -> {hf_dir}")
+        seconds += json.loads((stage_dir / "run" / "summary.json").read_text())["train_seconds"]
+    return hf_dir, seconds
 
 
 @dataclasses.dataclass
