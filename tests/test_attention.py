@@ -405,3 +405,20 @@ def test_sft_rule_gradients_equal_per_row_s2(monkeypatch):
 
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(q)), np.asarray(jax.grad(per_row)(q)),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (9, 3)])
+def test_official_torch_s2_peer_equals_our_s2_with_wrap(heads):
+    """The benchmark's PyTorch peer (the official roll + per-group SDPA) computes our S2 with
+    the wrap-around roll, GQA included (9 query heads over 3: the shift splits a kv group)."""
+    import torch
+
+    from longlora_jax.benchmarks import torch_peers
+
+    hq, hkv = heads
+    rng = np.random.default_rng(hq)
+    q, k, v = (rng.standard_normal((2, 64, h, 8)).astype(np.float32) for h in (hq, hkv, hkv))
+    ours = jax.jit(lambda *a: s2_attention(*a, group_size=16, wrap=True))(q, k, v)
+    theirs = torch_peers.s2_attention(
+        *(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v)), group=16)
+    np.testing.assert_allclose(np.asarray(ours), theirs.transpose(1, 2).numpy(), atol=2e-5)

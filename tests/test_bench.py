@@ -7,42 +7,52 @@ import pytest
 from longlora_jax.bench import SUBCOMMANDS
 from longlora_jax.benchmarks import attention, longest, quant, train_step
 from longlora_jax.cli import parse
+from longlora_jax.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
 
-def test_attention_bench_reports_s2_full_and_torch(tmp_path, capsys):
+def test_attention_bench_reports_ours_and_the_torch_peers(tmp_path, capsys):
     out = tmp_path / "bench.json"
     attention.run(parse(SUBCOMMANDS["attention"], [
         "--lengths", "512", "--heads", "4x16/2", "--repeats", "1", "--warmup", "0",
         "--json", str(out)]))
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["N"], row["heads"], row["G"]) == (512, "4x16/2", 128)
-    for name in ("s2", "full", "torch"):
+    for name in ("s2", "torch_s2", "full", "torch"):
         assert row[f"{name} s"] > 0
+    assert row["S2: ours vs torch"] == row["torch_s2 s"] / row["s2 s"]
+    assert row["S2 vs full (ours)"] == row["full s"] / row["s2 s"]
     # Per-group scores only: S2 needs a fraction of full attention's FLOPs and memory.
     assert row["FLOPs S2/full"] < 0.5
     assert row["temp S2/full"] < 0.5
     table = capsys.readouterr().out
-    assert "| N | heads | G | s2 s | full s | torch s |" in table
+    assert "| N | heads | G | s2 s | torch_s2 s | full s | torch s |" in table
 
 
-def test_train_bench_runs_both_steps_side_by_side(tmp_path, capsys):
+def test_train_bench_runs_ours_and_both_peers_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench.json"
     train_step.run(parse(SUBCOMMANDS["train"], [
         "--lengths", "256", "--layers", "1", "--loss-chunk", "128", "--repeats", "1",
-        "--warmup", "0", "--json", str(out)]))
+        "--warmup", "0", "--peers", "s2,full", "--json", str(out)]))
     (row,) = json.loads(out.read_text())["rows"]
-    assert (row["N"], row["layers"]) == (256, 1)
-    for name in ("longlora_jax", "hf_peft"):
+    assert (row["N"], row["layers"], row["remat"]) == (256, 1, "full")
+    for name in ("longlora_jax", "longlora_jax_full", "hf_peft_s2", "hf_peft_full"):
         assert row[f"{name} s/step"] > 0
         assert row[f"{name} tokens/s"] == 256 / row[f"{name} s/step"]
-    assert row["speedup"] == row["hf_peft s/step"] / row["longlora_jax s/step"]
+    assert row["S2: ours vs official"] == row["hf_peft_s2 s/step"] / row["longlora_jax s/step"]
+    assert row["S2 vs full (HF)"] == row["hf_peft_full s/step"] / row["hf_peft_s2 s/step"]
     assert "| N | layers | remat | longlora_jax s/step |" in capsys.readouterr().out
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["model GFLOP/step"] > 0 and row["XLA matmul GFLOP/s"] > 0
-    assert row["efficiency"] == pytest.approx(
+    assert row["model GFLOP/step"] < row["executed GFLOP/step"]  # remat is not useful work
+    assert row["MFU"] == pytest.approx(
         row["model GFLOP/step"] / row["longlora_jax s/step"] / row["XLA matmul GFLOP/s"])
+    assert row["HFU"] / row["MFU"] == pytest.approx(
+        row["executed GFLOP/step"] / row["model GFLOP/step"])
+
+
+def test_train_bench_refuses_an_unknown_peer():
+    with pytest.raises(ConfigError, match="peers=\\('flash',\\); valid: one or more of s2, full"):
+        train_step.run(parse(SUBCOMMANDS["train"], ["--peers", "flash"]))
 
 
 def test_longest_context_trials_run_in_watched_subprocesses(tmp_path):

@@ -1,8 +1,14 @@
-"""S2-Attn vs full attention vs PyTorch's fused SDPA: `python -m longlora_jax.bench attention`.
+"""Attention kernels against PyTorch peers doing the same work: `python -m longlora_jax.bench
+attention`.
 
-Forward + backward, fp32, batch 1, G = N/4 by default, for each length and head shape: wall
+Forward + backward, fp32, batch 1, G = N/4 by default, for each length and head shape, four
+variants: our S2 ("s2") and the official S2 in PyTorch ("torch_s2": roll, SDPA per group, roll
+back; `benchmarks.torch_peers`), both with the wrap-around roll by default so they compute the
+same thing; our full causal attention ("full") and PyTorch's fused causal SDPA ("torch"). Wall
 time (round-robin, min of the repeats), the compiled XLA FLOPs (cost analysis of an unrolled
-copy: XLA counts a loop body once) and compiled temporary memory.
+copy: XLA counts a loop body once) and compiled temporary memory. Ratios are reported apart:
+ours against the peer on the same algorithm (implementation), and S2 against full attention
+(algorithm: S2 does about a quarter of the work).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from longlora_jax.benchmarks import torch_peers
 from longlora_jax.benchmarks.common import (
     TIMING_RENAMED,
     Variant,
@@ -73,21 +80,26 @@ def _jax_variant(name, attn, inputs, budget: int, cost_attn=None) -> Variant:
     return variant
 
 
-def _torch_variant(inputs, hs: HeadShape) -> Variant:
-    import torch  # the peer; imported only when asked for
+def _torch_variants(inputs, hs: HeadShape, group: int) -> list[Variant]:
+    """PyTorch's fused causal SDPA ("torch") and the official S2 on it ("torch_s2")."""
+    import torch  # the peers; imported only when asked for
 
     q, k, v, dout = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous()
                      for x in inputs)  # [B, H, N, D]
     for x in (q, k, v):
         x.requires_grad_(True)
 
-    def run():
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=hs.hkv != hs.hq)
-        out.backward(dout)
-        q.grad = k.grad = v.grad = None
+    def timed(attend):
+        def run():
+            attend().backward(dout)
+            q.grad = k.grad = v.grad = None
 
-    return Variant("torch", run)
+        return run
+
+    full = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=hs.hkv != hs.hq))
+    s2 = timed(lambda: torch_peers.s2_attention(q, k, v, group))
+    return [Variant("torch", full), Variant("torch_s2", s2)]
 
 
 def _attention_case(n: int, hs: HeadShape, config) -> dict[str, Any]:
@@ -96,13 +108,17 @@ def _attention_case(n: int, hs: HeadShape, config) -> dict[str, Any]:
     inputs = [jnp.asarray(rng.standard_normal((config.batch, n, h, hs.d)), jnp.float32)
               for h in (hs.hq, hs.hkv, hs.hkv, hs.hq)]
     budget = int(config.memory_gb * 2**30)
+    wrap = config.attention.wrap
     variants = [
-        _jax_variant("s2", lambda q, k, v: attention.s2_attention(q, k, v, group_size=group),
-                     inputs, budget),
+        _jax_variant("s2", lambda q, k, v: attention.s2_attention(q, k, v, group_size=group,
+                                                                  wrap=wrap), inputs, budget),
         _jax_variant("full", lambda q, k, v: attention.causal_attention(q, k, v), inputs, budget),
     ]
     if config.torch:
-        variants.append(_torch_variant(inputs, hs))
+        if not wrap:
+            raise ConfigError("the official S2 peer always wraps around; "
+                              "attention.wrap=False needs torch=False")
+        variants += _torch_variants(inputs, hs, group)
     time_round_robin([v for v in variants if v.run is not None], config)
     by_name = {v.name: v for v in variants}
     row: dict[str, Any] = {"N": n, "heads": str(hs), "G": group}
@@ -117,17 +133,21 @@ def _attention_case(n: int, hs: HeadShape, config) -> dict[str, Any]:
     def ratio(a, b):
         return a / b if a and b else None
 
-    for other in ("full", "torch"):
-        if other in by_name and s2.seconds and by_name[other].seconds:
-            row[f"S2 speedup vs {other}"] = min(by_name[other].seconds) / min(s2.seconds)
+    for ours, peer, column in (("s2", "torch_s2", "S2: ours vs torch"),
+                               ("full", "torch", "full: ours vs torch"),
+                               ("s2", "full", "S2 vs full (ours)"),
+                               ("torch_s2", "torch", "S2 vs full (torch)")):
+        if peer in by_name and by_name[ours].seconds and by_name[peer].seconds:
+            row[column] = min(by_name[peer].seconds) / min(by_name[ours].seconds)
     row["FLOPs S2/full"] = ratio(s2.flops, by_name["full"].flops)
     row["temp S2/full"] = ratio(s2.temp_bytes, by_name["full"].temp_bytes)
     return row
 
 
 _ATTENTION_COLUMNS = (
-    "N", "heads", "G", "s2 s", "full s", "torch s", "S2 speedup vs full", "S2 speedup vs torch",
-    "FLOPs S2/full", "temp S2/full", "s2 GFLOP", "full GFLOP", "s2 temp MiB", "full temp MiB",
+    "N", "heads", "G", "s2 s", "torch_s2 s", "full s", "torch s", "S2: ours vs torch",
+    "full: ours vs torch", "S2 vs full (ours)", "S2 vs full (torch)", "FLOPs S2/full",
+    "temp S2/full", "s2 GFLOP", "full GFLOP", "s2 temp MiB", "full temp MiB",
 )
 
 
@@ -138,12 +158,14 @@ RENAMED = (*TIMING_RENAMED, Renamed("group_ratio", "attention.group_size_ratio")
 
 def default_config() -> ml_collections.ConfigDict:
     """lengths, heads ("HqxD/Hkv", e.g. SmolLM2's 9x64/3), attention.group_size_ratio (G / N),
-    batch, memory_gb (variants whose compiled temporaries exceed it are not timed), quick
-    (N 2048,8192 and heads 9x64/3, 2 repeats), and the timing settings (`common`)."""
+    attention.wrap (our S2 with the wrap-around roll, as the official peer; False needs
+    torch=False), batch, memory_gb (variants whose compiled temporaries exceed it are not
+    timed), quick (N 2048,8192 and heads 9x64/3, 2 repeats), and the timing settings
+    (`common`)."""
     c = timing_config(timeout_s=60.0)
     c.lengths = (2048, 8192, 16384)
     c.heads = ("9x64/3", "32x128")
-    c.attention = ml_collections.ConfigDict(dict(group_size_ratio=0.25))
+    c.attention = ml_collections.ConfigDict(dict(group_size_ratio=0.25, wrap=True))
     c.batch = 1
     c.memory_gb = 0.4 * physical_memory_bytes() / 2**30
     c.quick = False
@@ -151,7 +173,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """S2 vs full vs torch SDPA, fwd+bwd, fp32, for each length x head shape."""
+    """Ours vs the PyTorch peers (S2 and full), fwd+bwd, fp32, per length x head shape."""
     config = ml_collections.ConfigDict(config.to_dict())
     if config.quick:
         config.lengths, config.heads, config.repeats = (2048, 8192), ("9x64/3",), 2
@@ -161,7 +183,8 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             rows.append(_attention_case(n, hs, config))
             print(f"done N={n} heads={hs}", flush=True)
     meta = {"command": "attention",
-            "group_size_ratio": config.attention.group_size_ratio, "batch": config.batch,
+            "group_size_ratio": config.attention.group_size_ratio,
+            "wrap": config.attention.wrap, "batch": config.batch,
             "repeats": config.repeats, "dtype": "float32",
             "timing": "min wall seconds of forward+backward, variants interleaved"}
     report(rows, _ATTENTION_COLUMNS, config.json, meta)

@@ -1,9 +1,17 @@
 """The LongLoRA train step vs transformers + PEFT: `python -m longlora_jax.bench train`.
 
 Our jitted step (S2-Attn G = N/4, LoRA+ r=8, fused chunked cross-entropy, AdamW) on a random
-SmolLM2-shaped model against transformers' LLaMA (SDPA) + PEFT LoRA with trainable embeddings
-and norms, gradient checkpointing and torch AdamW: batch 1, fp32, same process, interleaved,
-min of the timed steps.
+SmolLM2-shaped model against transformers' LLaMA + PEFT LoRA with trainable embeddings and
+norms, gradient checkpointing and torch AdamW: batch 1, fp32, same process, interleaved, min
+of the timed steps. Peers (`peers`): "s2", the official S2-Attn (`torch_peers`, registered as
+a transformers attention) -- the same algorithm as ours, so their ratio is implementation;
+"full", causal SDPA, beside which our step with full attention runs too, so S2's gain over
+full attention (algorithm) is a ratio of its own on each side. Our step recomputes the layers
+in the backward pass (`model.remat` "full") as the peers' gradient checkpointing does.
+
+MFU counts the FLOPs the step needs (MaxText's rule: forward and the backward the trainable
+set needs, no recompute), HFU the FLOPs it executes (remat and the flash backward's score
+recompute included), both against the fp32 matmul rate XLA reaches in the same run.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from longlora_jax.benchmarks import torch_peers
 from longlora_jax.benchmarks.common import (
     TIMING_RENAMED,
     Variant,
@@ -24,6 +33,7 @@ from longlora_jax.benchmarks.common import (
     timing_config,
 )
 from longlora_jax.cli.renames import Renamed
+from longlora_jax.errors import ConfigError
 from longlora_jax.io.base import BaseSpec, init_variables, load_base_params
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import LlamaForCausalLM
@@ -37,27 +47,35 @@ RENAMED = (*TIMING_RENAMED, Renamed("group_ratio", "attention.group_size_ratio")
            Renamed("remat", "model.remat"), Renamed("frozen_dtype", "model.frozen_dtype"))
 
 
+PEERS = ("s2", "full")
+
+
 def default_config() -> ml_collections.ConfigDict:
-    """lengths, layers (SmolLM2-shaped), model.remat (ours; "none" is the demo's, the peer always
-    checkpoints), attention.group_size_ratio (G / N), loss_chunk, model.frozen_dtype (of our
-    frozen base), quantize (schemes of `model.quantize` whose steps are timed beside the
-    plain one), and the timing settings (`common`); model.* and attention.* as training's."""
+    """lengths, layers (SmolLM2-shaped), peers (of `PEERS`: the official S2 and/or full
+    attention, each with our step on the same algorithm), model.remat (ours; "full" matches
+    the peers' gradient checkpointing), attention.group_size_ratio (G / N), loss_chunk,
+    model.frozen_dtype (of our frozen base), quantize (schemes of `model.quantize` whose steps
+    are timed beside the plain one), and the timing settings (`common`); model.* and
+    attention.* as training's."""
     c = timing_config(timeout_s=120.0)
     c.lengths = (2048, 8192)
     c.layers = 4
-    c.model = ml_collections.ConfigDict(dict(remat="none", frozen_dtype="float32"))
+    c.peers = ("s2",)
+    c.model = ml_collections.ConfigDict(dict(remat="full", frozen_dtype="float32"))
     c.attention = ml_collections.ConfigDict(dict(group_size_ratio=0.25))
     c.loss_chunk = 1024
     c.quantize = ()  # e.g. int8,int4: our step on a quantized base too, beside the plain one
     return c
 
 
-def smollm2_shape(n: int, layers: int, remat: str, group_size_ratio: float) -> LlamaConfig:
-    """The benchmarked model: SmolLM2-135M's shape (random), S2 at G = ratio x N, LoRA r=8."""
+def smollm2_shape(n: int, layers: int, remat: str, group_size_ratio: float,
+                  attention: str = "s2") -> LlamaConfig:
+    """The benchmarked model: SmolLM2-135M's shape (random), S2 at G = ratio x N (or full
+    attention), LoRA r=8."""
     return LlamaConfig.preset(
         "smollm2-135m", num_hidden_layers=layers, scan_layers=True, remat_policy=remat,
-        attention_train="s2", s2_group_size_ratio=group_size_ratio, lora_rank=8, lora_alpha=16.0,
-        max_position_embeddings=max(n, 8192),
+        attention_train=attention, s2_group_size_ratio=group_size_ratio, lora_rank=8,
+        lora_alpha=16.0, max_position_embeddings=max(n, 8192),
     )
 
 
@@ -77,10 +95,11 @@ def matmul_rate() -> float:
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
     return best
 
-def our_step(n: int, config, quantize: str = "none") -> Variant:
-    """Our jitted LongLoRA step (S2 + LoRA+, chunked loss, AdamW) on a random SmolLM2 shape,
-    its frozen base stored as `config.model.frozen_dtype` or quantized."""
-    cfg = smollm2_shape(n, config.layers, config.model.remat, config.attention.group_size_ratio)
+def our_step(n: int, config, quantize: str = "none", attention: str = "s2") -> Variant:
+    """Our jitted LongLoRA step (S2 or full attention + LoRA+, chunked loss, AdamW) on a
+    random SmolLM2 shape, its frozen base stored as `config.model.frozen_dtype` or quantized."""
+    cfg = smollm2_shape(n, config.layers, config.model.remat, config.attention.group_size_ratio,
+                        attention)
     setup = build_train_setup(
         LlamaForCausalLM(cfg.replace(quantize=quantize)), single_device_mesh(),
         mode="lora_plus", optim_cfg=default_optim_config(),
@@ -102,12 +121,14 @@ def our_step(n: int, config, quantize: str = "none") -> Variant:
         holder["state"], metrics = setup.step_fn(holder["state"], frozen, batch)
         jax.block_until_ready(metrics)
 
-    return Variant("longlora_jax" if quantize == "none" else f"longlora_jax[{quantize}]", run)
+    name = "longlora_jax" if attention == "s2" else f"longlora_jax_{attention}"
+    return Variant(name if quantize == "none" else f"{name}[{quantize}]", run)
 
 
-def peer_step(n: int, config) -> Variant:
-    """transformers LLaMA (SDPA) + PEFT LoRA with trainable embeddings and norms (the
-    official LongLoRA recipe), gradient checkpointing, torch AdamW: the PyTorch peer."""
+def peer_step(n: int, config, attention: str) -> Variant:
+    """transformers LLaMA + PEFT LoRA with trainable embeddings and norms (the official
+    LongLoRA recipe), gradient checkpointing, torch AdamW: the PyTorch peer, its attention
+    the official S2 ("s2") or causal SDPA ("full")."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -115,8 +136,10 @@ def peer_step(n: int, config) -> Variant:
     torch.manual_seed(0)
     hf_cfg = LlamaConfig.preset("smollm2-135m", num_hidden_layers=config.layers,
                                 max_position_embeddings=max(n, 8192)).to_hf()
+    implementation = ("sdpa" if attention == "full"
+                      else torch_peers.register(config.attention.group_size_ratio))
     model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
+        transformers.LlamaConfig(**hf_cfg, attn_implementation=implementation))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj",
@@ -136,51 +159,68 @@ def peer_step(n: int, config) -> Variant:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Variant("hf_peft", run)
+    return Variant(f"hf_peft_{attention}", run)
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """Training-step throughput: our LongLoRA step vs transformers + PEFT, same shapes; and
-    our useful-FLOPs efficiency: the step's counted model FLOPs per second over the matmul
-    rate XLA reaches in the same run."""
+    """Training-step throughput: our LongLoRA step vs transformers + PEFT on the same
+    algorithm (module docstring), same shapes; and MFU / HFU against the matmul rate XLA
+    reaches in the same run."""
+    unknown = [p for p in config.peers if p not in PEERS]
+    if unknown or not config.peers:
+        raise ConfigError(f"peers={tuple(config.peers)}; valid: one or more of "
+                          f"{', '.join(PEERS)}")
     rows = []
     roof = matmul_rate()
     for n in config.lengths:
         variants = [our_step(n, config), *(our_step(n, config, q) for q in config.quantize)]
+        if "full" in config.peers:
+            variants.append(our_step(n, config, attention="full"))
         if config.torch:
-            variants.append(peer_step(n, config))
+            variants += [peer_step(n, config, peer) for peer in config.peers]
         time_round_robin(variants, config)
         row: dict[str, Any] = {"N": n, "layers": config.layers, "remat": config.model.remat}
         best = {v.name: min(v.seconds) if v.seconds else None for v in variants}
         for v in variants:
             row[f"{v.name} s/step"] = best[v.name] or v.skipped
             row[f"{v.name} tokens/s"] = n / best[v.name] if best[v.name] else None
-        ours = best[variants[0].name]
-        if config.torch and ours and best[variants[-1].name]:
-            row["speedup"] = best[variants[-1].name] / ours
+        for column, peer, ours in (("S2: ours vs official", "hf_peft_s2", "longlora_jax"),
+                                   ("full: ours vs HF", "hf_peft_full", "longlora_jax_full"),
+                                   ("S2 vs full (ours)", "longlora_jax_full", "longlora_jax"),
+                                   ("S2 vs full (HF)", "hf_peft_full", "hf_peft_s2")):
+            if best.get(peer) and best.get(ours):
+                row[column] = best[peer] / best[ours]
+        ours = best["longlora_jax"]
         for q, v in zip(config.quantize, variants[1:], strict=False):
             if ours and best[v.name]:
                 row[f"{q}/plain"] = best[v.name] / ours
         shape = smollm2_shape(n, config.layers, config.model.remat,
                               config.attention.group_size_ratio)
-        flops = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus")
-        row["model GFLOP/step"] = flops / 1e9
+        needed = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus", recompute=False)
+        executed = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus")
+        row["model GFLOP/step"] = needed / 1e9
+        row["executed GFLOP/step"] = executed / 1e9
         row["XLA matmul GFLOP/s"] = roof / 1e9
         if ours:
-            row["GFLOP/s"] = flops / ours / 1e9
-            row["efficiency"] = flops / ours / roof
+            row["MFU"] = needed / ours / roof
+            row["HFU"] = executed / ours / roof
         rows.append(row)
         print(f"done N={n}", flush=True)
     ratio = config.attention.group_size_ratio
     meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
-            "mode": "lora_plus r=8", "attention": f"S2 G=N*{ratio} vs HF SDPA full",
+            "mode": "lora_plus r=8", "attention": f"S2 G=N*{ratio}", "peers": list(config.peers),
+            "frozen_dtype": config.model.frozen_dtype,
             "timing": "min wall seconds of a full optimizer step, variants interleaved"}
     quantized = [c for q in config.quantize for c in (f"longlora_jax[{q}] s/step", f"{q}/plain")]
-    meta["frozen_dtype"] = config.model.frozen_dtype
-    report(rows, _TRAIN_COLUMNS[:4] + tuple(quantized) + _TRAIN_COLUMNS[4:], config.json, meta)
+    seconds = ["longlora_jax s/step", *quantized]
+    if "s2" in config.peers:
+        seconds += ["hf_peft_s2 s/step"]
+    if "full" in config.peers:
+        seconds += ["longlora_jax_full s/step", "hf_peft_full s/step"]
+    report(rows, ("N", "layers", "remat", *seconds, *_RATIO_COLUMNS), config.json, meta)
     return rows
 
 
-_TRAIN_COLUMNS = ("N", "layers", "remat", "longlora_jax s/step", "hf_peft s/step",
-                  "longlora_jax tokens/s", "hf_peft tokens/s", "speedup", "model GFLOP/step",
-                  "GFLOP/s", "XLA matmul GFLOP/s", "efficiency")
+_RATIO_COLUMNS = ("S2: ours vs official", "full: ours vs HF", "S2 vs full (ours)",
+                  "S2 vs full (HF)", "model GFLOP/step", "executed GFLOP/step",
+                  "XLA matmul GFLOP/s", "MFU", "HFU")

@@ -91,50 +91,18 @@ def resolve_impl(impl: str, dtype=jnp.float32) -> str:
 # --------------------------------------------------------------------------- full causal
 
 
-def _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids=None, window=None) -> jax.Array:
-    """Full causal attention materialising each head's [N, N] scores (the XLA reference).
-
-    Heads are looped over (`kernels.map_chunks`), so the live scores are a few heads' worth;
-    plain autodiff keeps every head's probabilities for the backward pass (O(H N^2)).
-    """
-    b, n, hq, d = q_bnhd.shape
-
-    def chunks(x):  # [B, N, H, D] -> [B * Hq, N, D]
-        return jnp.repeat(x, hq // x.shape[2], axis=2).transpose(0, 2, 1, 3).reshape(-1, n, d)
-
-    def one_head(q, k, v, seg):
-        scores = jnp.einsum("qd,sd->qs", q, k, preferred_element_type=jnp.float32)
-        mask = jnp.tril(jnp.ones((n, n), dtype=bool))
-        if window is not None:
-            mask = mask & ~jnp.tril(mask, -window)
-        if seg is not None:
-            mask = mask & (seg[:, None] == seg[None, :])
-        scores = jnp.where(mask, scores / jnp.sqrt(jnp.float32(d)), -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("qs,sd->qd", probs, v).astype(q.dtype)
-
-    seg = None
-    if segment_ids is not None:
-        seg = jnp.broadcast_to(segment_ids[:, None], (b, hq, n)).reshape(-1, n)
-    out = kernels.map_chunks(one_head, (chunks(q_bnhd), chunks(k_bnkd), chunks(v_bnkd), seg),
-                             n * n)
-    return out.reshape(b, hq, n, d).transpose(0, 2, 1, 3)
-
-
 def causal_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids=None, impl: str = "xla",
                      window: int | None = None) -> jax.Array:
     """Full causal attention; `segment_ids` [B, N] masks across packed documents; `window`
     W: a sliding window (a query sees itself and the W - 1 keys before it).
 
-    impl: xla (dense reference, O(N^2) memory) | splash | cudnn | auto.
+    impl: xla (the blocked flash-style kernel as one group of N: causal block skipping,
+    scores recomputed in the backward pass, O(N) memory) | splash | cudnn | auto.
     """
     _check_inputs(q_bnhd, k_bnkd, v_bnkd, segment_ids)
     impl = resolve_impl(impl, q_bnhd.dtype)
-    if impl == "xla":  # plain XLA: the compiler partitions it under any mesh
-        return _dense_causal(q_bnhd, k_bnkd, v_bnkd, segment_ids, window)
-
     mesh = _mesh_axes()
-    if mesh is not None:  # fused kernels run per device, with the whole sequence
+    if mesh is not None:  # the kernels run per device, with the whole sequence
         mesh = dataclasses.replace(mesh, seq_size=1)
     if impl == "splash":
         n, hq = q_bnhd.shape[1:3]
