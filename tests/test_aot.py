@@ -124,6 +124,24 @@ def test_model_flops_s2_vs_full():
     assert math.isclose(full - s2, per_key * (n - g) / 2, rel_tol=1e-9)
 
 
+def test_model_flops_without_recompute_is_mfu_counting():
+    """MaxText's MFU counts no remat forward and a 2x (not 2.5x, flash) attention backward:
+    the difference is exactly the layers' forward once more plus half an attention forward."""
+    config = train_config(os.path.join(REPO_ROOT, "configs", "llama2_7b_32k.py"))
+    cfg, _ = model_config(config)
+    assert cfg.remat_policy == "full"
+    tokens, n = 8 * 32768, 32768
+    hfu = fit.model_flops(cfg, tokens=tokens, seq_len=n, mode="lora_plus")
+    mfu = fit.model_flops(cfg, tokens=tokens, seq_len=n, mode="lora_plus", recompute=False)
+    dims = cfg.projections()
+    layer_forward = 2 * tokens * cfg.num_hidden_layers * sum(
+        a * b + (cfg.lora_rank * (a + b) if name in cfg.lora_targets else 0)
+        for name, (a, b) in dims.items())
+    attention_forward = (4 * cfg.num_attention_heads * cfg.head_dim * tokens
+                         * fit.keys_per_query(cfg.s2_group(n)) * cfg.num_hidden_layers)
+    assert math.isclose(hfu - mfu, layer_forward + 1.5 * attention_forward, rel_tol=1e-9)
+
+
 FLOPS_MODELS = {  # preset: its LoRA targets and size overrides for the cost comparison
     "tiny": (("q_proj", "k_proj", "v_proj", "o_proj"), {"num_key_value_heads": 2}),
     "tiny-gpt-neox": (("query_key_value", "dense"), {}),

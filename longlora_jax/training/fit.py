@@ -68,7 +68,7 @@ def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
-                attention_copies: int = 1) -> float:
+                attention_copies: int = 1, recompute: bool = True) -> float:
     """FLOPs of one training step over `tokens` tokens of sequences of `seq_len`.
 
     Matmuls: forward 2·M·T, activation gradients 2·M·T (every weight, frozen ones too),
@@ -78,6 +78,8 @@ def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
     per layer and query: 4·Hq·D·k FLOPs forward (scores and values) over the k keys it sees
     (k ≈ G/2 in causal groups of G, G = N for full attention; fewer under a sliding window),
     2.5x that backward (flash style: scores recomputed), and once more under remat "full".
+    recompute=False counts what the step needs rather than what it executes (MaxText's MFU:
+    no remat forward, attention backward 2x its forward).
     attention_copies: how many devices each compute the same attention (full attention over a
     gathered sequence split S ways: S), so the result is the FLOPs executed rather than the
     useful ones.
@@ -89,21 +91,24 @@ def model_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int, mode: str,
                  if name in cfg.lora_targets) if cfg.lora_rank else 0
     dense = layers * (layer_w + lora_w) + v * e
     trainable = dense if mode == "full" else layers * lora_w
-    recompute = cfg.remat_policy == "full"
-    rematted = layers * (layer_w + lora_w) if recompute else 0
+    rematted = layers * (layer_w + lora_w) if recompute and cfg.remat_policy == "full" else 0
     matmul = 2 * tokens * (2 * dense + trainable + rematted)
-    return float(matmul + attention_copies * attention_flops(cfg, tokens=tokens, seq_len=seq_len))
+    return float(matmul + attention_copies * attention_flops(
+        cfg, tokens=tokens, seq_len=seq_len, recompute=recompute))
 
 
-def attention_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int) -> float:
+def attention_flops(cfg: LlamaConfig, *, tokens: int, seq_len: int,
+                    recompute: bool = True) -> float:
     """The training attention's FLOPs in one step (see `model_flops`): per layer and query
     4·Hq·D·k forward over the k keys it sees (`keys_per_query`: ~G/2 in causal groups of G,
     G = N for full attention, fewer under a sliding window), x (1 + 2.5 backward + 1 under
-    remat "full")."""
+    remat "full"); without `recompute`, x (1 + 2)."""
     sparse = cfg.attention_train in ("s2", "short")
     group = cfg.s2_group(seq_len) if sparse else seq_len
     forward = (4 * cfg.num_attention_heads * cfg.head_dim * tokens
                * keys_per_query(group, cfg.sliding_window))
+    if not recompute:
+        return float(forward * cfg.num_hidden_layers * 3)
     return float(forward * cfg.num_hidden_layers
                  * (1 + 2.5 + (1 if cfg.remat_policy == "full" else 0)))
 
