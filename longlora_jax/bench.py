@@ -2,10 +2,11 @@
 
 Benchmarks measured side by side in one process, printed as a markdown table (`--json PATH`
 also writes them):
-  attention   S2-Attn vs full causal attention vs PyTorch's fused SDPA, forward + backward:
+  attention   our S2-Attn and full causal attention vs the official S2 and fused SDPA in
+              PyTorch, forward + backward:
               wall time, compiled FLOPs and temporary memory (`benchmarks.attention`).
   train       tokens/s of our LongLoRA train step vs transformers + PEFT on a SmolLM2-shaped
-              model, and its useful-FLOPs efficiency (`benchmarks.train_step`).
+              model on the same algorithm, with MFU and HFU (`benchmarks.train_step`).
   quant       bytes of a quantized frozen base (codes, scales, float rest) and the host's
               peak memory while it loads, per scheme (`benchmarks.quant`).
   longest     the longest sequence whose LoRA+ training step runs in this machine's memory,
