@@ -102,6 +102,19 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
 
+def data_states(manager: ocp.CheckpointManager, step: int) -> list[dict[str, Any]]:
+    """The data-iterator states of checkpoint `step`, one per process of the run that wrote
+    it (grain's handler writes `process_<i>-of-<n>.json` each); read directly, so that a run
+    on another number of processes can resume from them. ValueError when some are missing."""
+    folder = pathlib.Path(manager.directory) / str(step) / DATA
+    files = sorted(folder.glob("process_*-of-*.json"))
+    counts = {path.stem.rpartition("-of-")[2] for path in files}
+    if not files or len(counts) != 1 or len(files) != int(counts.pop()):
+        raise ValueError(f"{folder} does not hold one data state per process "
+                         f"({[p.name for p in files]})")
+    return [json.loads(path.read_text()) for path in files]
+
+
 def warn(message: str) -> None:
     """One `warning: ...` line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)

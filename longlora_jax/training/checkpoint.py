@@ -57,6 +57,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from longlora_jax.data.pipeline import combine_states
 from longlora_jax.errors import CheckpointError, first_line
 from longlora_jax.io import manifest, run
 from longlora_jax.modeling.config import LlamaConfig
@@ -244,7 +245,12 @@ class Checkpointer:
                        data_iterator: Any) -> tuple[Any, int, dict[str, Any]] | None:
         """(state, step, meta) from the newest trusted checkpoint, or None if there is none.
 
-        The data iterator is restored in place. Each newer checkpoint that is not trusted
+        Elastic: the arrays are read straight into the shardings of `abstract_state` (this
+        run's mesh, whatever mesh wrote them), and the data iterator is restored in place
+        from the lane states of every process that saved it (`data.pipeline.combine_states`),
+        so the mesh shape, the device count and the process count may all differ from the
+        run that wrote the checkpoint; a different global batch resumes at a recomputed data
+        position (one warning line). Each newer checkpoint that is not trusted
         (see the module docstring) is one warning line and is moved to `checkpoints/rejected`,
         not deleted. CheckpointError (nothing changed) when checkpoints exist and none is
         trusted.
@@ -257,14 +263,15 @@ class Checkpointer:
                     restored = self.manager.restore(step, args=ocp.args.Composite(**{
                         run.TRAINABLE: ocp.args.StandardRestore(abstract_state.trainable),
                         run.OPTIMIZER: ocp.args.StandardRestore(_optimizer_part(abstract_state)),
-                        run.DATA: grain.checkpoint.CheckpointRestore(data_iterator),
                         run.META: ocp.args.JsonRestore(),
                     }))
+                    states = run.data_states(self.manager, step)
                 except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
                     problem = f"it is unreadable ({first_line(err)})"
             if problem is not None:
                 rejected.append((step, problem))
                 continue
+            data_iterator.set_state(combine_states(states))  # DataError: other data settings
             self._set_aside(rejected, step)
             rest = restored[run.OPTIMIZER]
             state = abstract_state.replace(trainable=restored[run.TRAINABLE], **rest)
