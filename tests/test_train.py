@@ -17,6 +17,7 @@ import pytest
 from longlora_jax import train as train_command
 from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
+from longlora_jax.io import run as run_module
 from longlora_jax.io.run import load_run
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
@@ -395,6 +396,110 @@ def test_load_run_verifies_and_no_trusted_checkpoint_is_one_error_line(tmp_path,
     assert _tree(ckpts) == before
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies"):
         load_run(tmp_path)
+
+
+# Reads a workdir as `evaluate --model` (load_model) and `export --workdir` (export_run) do,
+# alternately, while the file argv[2] exists; one line per read: "ok" or the error.
+READER = """
+import pathlib, sys
+from longlora_jax.errors import UserError
+from longlora_jax.io.export import export_run
+from longlora_jax.io.run import load_model
+workdir, flag = sys.argv[1], pathlib.Path(sys.argv[2])
+n = 0
+while flag.exists():
+    try:
+        if n % 2:
+            export_run(workdir, f"{workdir}-export", format="merged", overwrite=True)
+        else:
+            load_model(workdir)
+        print("ok", flush=True)
+    except UserError as err:
+        print(f"error: {err}", flush=True)
+    n += 1
+"""
+
+
+@pytest.mark.integration
+def test_readers_beside_a_writer_always_read_a_finished_checkpoint(tmp_path):
+    """`evaluate --model` and `export --workdir` (their library calls) in a loop, in another
+    process, while `train` saves asynchronously every step and keeps 2: every read succeeds
+    and says nothing on stderr; checkpoints beyond keep leave through checkpoints/deleting."""
+    workdir, flag = tmp_path / "run", tmp_path / "reading"
+    cmd, env = train_cli(workdir, tmp_path / "xla_cache")
+    proc = subprocess.Popen(
+        [*cmd, "--config.checkpoint.async_save=True", "--config.checkpoint.every=1",
+         "--config.checkpoint.keep=2", "--config.max_steps=40"],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    flag.touch()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(workdir), str(flag)], env=env,
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    finally:
+        flag.unlink()
+        proc.kill()
+        reads, reader_err = reader.communicate(timeout=120)
+    reads = reads.splitlines()
+    assert len(reads) >= 6 and set(reads) == {"ok"}, (reads, reader_err[-3000:])
+    assert "warning:" not in reader_err and "Traceback" not in reader_err, reader_err[-3000:]
+    assert _finished_steps(workdir) == [39, 40]
+    assert not list((workdir / "checkpoints" / "deleting").iterdir())
+
+
+@pytest.mark.integration
+def test_a_checkpoint_is_held_while_read_and_one_deleted_first_is_retried_once(tmp_path,
+                                                                               monkeypatch,
+                                                                               capsys):
+    """load_run holds the checkpoint it reads by hard links: deleted while it is verified, it
+    is still read. Deleted before it is held: the next newest is read, with no warning; that
+    one deleted too: one CheckpointError line. Where hard links fail it reads in place."""
+    train.train(_config("--config.max_steps=3", "--config.checkpoint.every=1"), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    verify, copytree = run_module.checkpoint_problem, shutil.copytree
+
+    def delete(step):  # what the writer does beyond checkpoint.keep
+        os.rename(ckpts / str(step), ckpts / "deleting" / str(step))
+        shutil.rmtree(ckpts / "deleting" / str(step))
+
+    def deleting_while_verifying(manager, step, items):
+        delete(step)
+        return verify(manager, step, items)
+
+    (ckpts / "deleting").mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "checkpoint_problem", deleting_while_verifying)
+        assert load_run(tmp_path).step == 3
+    assert not list((ckpts / "reading").iterdir())  # the hard links are gone
+
+    train.train(_config("--config.max_steps=6", "--config.checkpoint.every=1"), tmp_path)
+    doomed = [6]
+
+    def deleting_before_held(source, *args, **kwargs):
+        if doomed and source.name == str(doomed[0]):
+            delete(doomed.pop(0))
+        return copytree(source, *args, **kwargs)
+
+    capsys.readouterr()
+    monkeypatch.setattr(run_module.shutil, "copytree", deleting_before_held)
+    assert load_run(tmp_path).step == 5
+    assert capsys.readouterr().err == ""
+    doomed[:] = [5, 4]
+    with pytest.raises(CheckpointError, match=r"checkpoints 5 and then 4 in .* were deleted "
+                       r"while they were read .*checkpoint.keep"):
+        load_run(tmp_path)
+
+    def no_hard_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    assert load_run(tmp_path).step == 3
+    assert not list((ckpts / "reading").iterdir())
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):

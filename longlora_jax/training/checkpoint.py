@@ -16,6 +16,12 @@ checks that the file system has room for the state's arrays, so a disk that is a
 is reported before anything is written. Asynchronous saves report their failure at the next
 save or `wait`, naming the step that failed.
 
+Readers beside the writer (`io.run.load_run`: evaluate, export, a notebook). Orbax makes a
+step visible under its final name only when it is complete, and a checkpoint beyond `keep`
+is renamed into `checkpoints/deleting/` in one step and deleted from there (at the next save
+or `wait`), so a reader lists only finished checkpoints and never one half-deleted; one that
+vanishes while it is read is retried once on the next newest (`load_run`).
+
 Integrity. Every checkpoint carries `manifest.json` (`io.manifest`): each file of its four
 items with its size and sha256. Process 0 writes it from orbax's writer thread once every
 process has written the items and before orbax renames the temporary directory to the step
@@ -125,6 +131,14 @@ class Checkpointer:
         """
         if is_main_process():
             for path in self.directory.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(path)
+        self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        """Deletes the checkpoints orbax moved to `checkpoints/deleting/` (beyond `keep`;
+        `io.run.checkpoint_manager`), process 0."""
+        if is_main_process() and (self.directory / run.DELETING).is_dir():
+            for path in (self.directory / run.DELETING).iterdir():
                 shutil.rmtree(path)
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any], *,
@@ -316,6 +330,7 @@ class Checkpointer:
                 raise
             raise failure from None
         self._pending = None
+        self._purge_deleted()
 
     def close(self) -> None:
         """Waits for the last save and releases orbax's threads."""
