@@ -189,7 +189,7 @@ def held(workdir: pathlib.Path, step: int) -> Iterator[pathlib.Path]:
     try:
         shutil.copytree(source, root / CHECKPOINTS / str(step), copy_function=os.link)
     except OSError:  # shutil.Error (files that went meanwhile) is an OSError too
-        shutil.rmtree(root, ignore_errors=True)
+        _release(root)
         if not source.is_dir():
             raise Vanished(step) from None
         root = None
@@ -197,7 +197,15 @@ def held(workdir: pathlib.Path, step: int) -> Iterator[pathlib.Path]:
         yield workdir if root is None else root
     finally:
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            _release(root)
+
+
+def _release(root: pathlib.Path) -> None:
+    """Removes a reader's hard links (`held`), and `checkpoints/reading` when no other reader
+    is using it."""
+    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another reader holds a checkpoint
+        root.parent.rmdir()
 
 
 def _read(workdir: pathlib.Path, step: int, quantize: str | None) -> tuple | str:

@@ -138,8 +138,7 @@ class Checkpointer:
         """Deletes the checkpoints orbax moved to `checkpoints/deleting/` (beyond `keep`;
         `io.run.checkpoint_manager`), process 0."""
         if is_main_process() and (self.directory / run.DELETING).is_dir():
-            for path in (self.directory / run.DELETING).iterdir():
-                shutil.rmtree(path)
+            shutil.rmtree(self.directory / run.DELETING)  # orbax makes it again when needed
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any], *,
              force: bool = False) -> bool:
