@@ -17,6 +17,7 @@ from longlora_jax.data import (
     sources,
 )
 from longlora_jax.data.local_tfds import local_text_source
+from longlora_jax.data.pipeline import combine_states
 from longlora_jax.errors import ConfigError, DataError
 from tests.helpers import run_python
 
@@ -85,15 +86,66 @@ def test_resume_from_saved_state_is_exact(prefetch, packing):
 
 def test_state_of_another_layout_or_dataset_is_refused():
     state = make_train_iterator(_cfg(), TOK, seq_len=32, global_batch=4).get_state()
-    other = make_train_iterator(_cfg(), TOK, seq_len=32, global_batch=2)
-    with pytest.raises(DataError, match=r"iterator state is for .*'global_batch': 4"):
-        other.set_state(state)
+    half = make_train_iterator(_cfg(), TOK, seq_len=32, global_batch=4, process_index=1,
+                               process_count=2)
+    with pytest.raises(DataError, match=r"iterator state is for .*'first_lane': 0"):
+        half.set_state(half.get_state() | {"first_lane": 0})
+    with pytest.raises(DataError, match="seq_len=32, this pipeline has seq_len=64"):
+        make_train_iterator(_cfg(), TOK, seq_len=64, global_batch=4).set_state(state)
     for cfg, seed in [(_cfg(source="offline_books"), 0), (_cfg(), 1)]:
         other = make_train_iterator(cfg, TOK, seq_len=32, global_batch=4, seed=seed)
         with pytest.raises(DataError, match="saved with other data settings"):
             other.set_state(state)
     same = make_train_iterator(_cfg(prefetch=0, cache_docs=3), TOK, seq_len=32, global_batch=4)
     same.set_state(state)
+
+
+def test_states_of_any_process_count_resume_exactly():
+    """The lane states two processes saved, combined, resume on 1, 2 and 4 processes."""
+    cfg = _cfg(prefetch=0, source="offline_all")
+    kwargs = dict(seq_len=48, global_batch=4, seed=2)
+    straight = _take(make_train_iterator(cfg, TOK, **kwargs), 5)
+    saved = []
+    for p in range(2):
+        it = make_train_iterator(cfg, TOK, process_index=p, process_count=2, **kwargs)
+        _take(it, 3)
+        saved.append(json.loads(json.dumps(it.get_state())))
+    state = combine_states(saved[::-1])  # in any order
+    for count in (1, 2, 4):
+        parts = []
+        for p in range(count):
+            it = make_train_iterator(cfg, TOK, process_index=p, process_count=count, **kwargs)
+            it.set_state(state)
+            parts.append(_take(it, 2))
+        for step in range(2):
+            for key, value in straight[3 + step].items():
+                together = np.concatenate([part[step][key] for part in parts])
+                np.testing.assert_array_equal(together, value, err_msg=(count, key))
+    with pytest.raises(DataError, match=r"do not cover one global batch \(lanes \[\(2, 4\)\]"):
+        combine_states(saved[1:])
+
+
+def test_another_global_batch_resumes_where_the_data_stopped(text_files, capsys):
+    """4 lanes read positions 0..7 of the example order (pad packing: one example a row);
+    on 3 lanes reading resumes at position 8 (lane r reads the positions r mod 3 from there:
+    9, 10, 8, then 12, 13, 11), nothing skipped or repeated, one warning."""
+    cfg = text_files.copy_and_resolve_references()
+    cfg.packing, cfg.prefetch = "pad", 0
+    one_by_one = _take(make_train_iterator(cfg, TOK, seq_len=16, global_batch=1), 14)
+    four = make_train_iterator(cfg, TOK, seq_len=16, global_batch=4)
+    _take(four, 2)
+    three = make_train_iterator(cfg, TOK, seq_len=16, global_batch=3)
+    capsys.readouterr()
+    three.set_state(four.get_state())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: the global batch is 3 but was 4 "
+                                                     "when the data position was saved: reading "
+                                                     "resumes at example 8"), err
+    assert "0 at or after it had been read" in err
+    for positions in ([9, 10, 8], [12, 13, 11]):
+        rows = next(three)["inputs"]
+        for lane, position in enumerate(positions):
+            np.testing.assert_array_equal(rows[lane], one_by_one[position]["inputs"][0])
 
 
 @pytest.mark.parametrize("process_count", [2, 4])

@@ -182,6 +182,23 @@ def aot_table():
                   "usable GiB/chip", "compile s"], rows)
 
 
+FUZZ = "docs/reliability/fuzz.json"
+
+
+def fuzz_table():
+    readers = load(FUZZ)["readers"]
+    rows = [[name, r["inputs"], r["read"], r["refused"], r["failed"]]
+            for name, r in readers.items()]
+    rows.append(["all readers", *(sum(r[k] for r in readers.values())
+                                  for k in ("inputs", "read", "refused", "failed"))])
+    return table(["reader", "inputs tried", "read", "refused in one line", "anything else"],
+                 rows)
+
+
+def _fuzz_total():
+    return sum(r["inputs"] for r in load(FUZZ)["readers"].values())
+
+
 TABLES = {
     "docs/miniature_bytes.md": [miniature_table,
                           lambda: eval_table("docs/miniature_bytes/check_4x_steps_eval_attention/"
@@ -189,6 +206,7 @@ TABLES = {
     "docs/speed.md": [train_table, longest_table],
     "docs/qlora.md": [quant_table, group_size_table, memory_table, qlora_speed_table],
     "docs/fit.md": [aot_table],
+    "docs/reliability.md": [fuzz_table],
     "docs/evaluation.md": [lambda: eval_table("docs/eval_attention_smollm2/results.json"),
                            lambda: eval_table("docs/eval_demo/results.json"),
                            lambda: eval_table("docs/eval_smollm2/results.json"),
@@ -327,6 +345,7 @@ README_CELLS = [
 DOC_CELLS = [
     ("README.md", f"{get('docs/tests/tier1.json', 'seconds') / 60:.1f} min", "tier one time"),
     ("README.md", f"{get('docs/tests/tier2.json', 'seconds') / 60:.1f} min", "tier two time"),
+    ("README.md", f"{_fuzz_total()} hostile inputs", "fuzz inputs, all readers"),
     ("docs/miniature_bytes.md", pct(_mini("full FT, S2-Attn") / _mini("full FT, full attention")),
      "S2 vs full attention, full FT, @2048"),
     ("docs/miniature_bytes.md",

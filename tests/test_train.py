@@ -17,6 +17,7 @@ import pytest
 from longlora_jax import train as train_command
 from longlora_jax.cli import parse
 from longlora_jax.errors import CheckpointError, ConfigError, DataError
+from longlora_jax.io import run as run_module
 from longlora_jax.io.run import load_run
 from longlora_jax.training import loop as train
 from longlora_jax.training.checkpoint import Checkpointer
@@ -162,6 +163,59 @@ def test_sharded_equals_unsharded():
         *FAST, "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4")
     assert len(one) == len(eight) == 3
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
+
+
+# Elastic resume: the tiny config on three meshes, fp32 base, a batch row per data x fsdp shard.
+MESHES = {8: ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=2"),
+          4: ("--config.mesh.data=1", "--config.mesh.fsdp=4"),
+          1: ("--config.mesh.data=1",)}
+SHAPES = {8: "data 2 x fsdp 2 x sequence 2 x tensor 1 (8 devices, 1 process)",
+          4: "data 1 x fsdp 4 x sequence 1 x tensor 1 (4 devices, 1 process)",
+          1: "data 1 x fsdp 1 x sequence 1 x tensor 1 (1 device, 1 process)"}
+
+
+def _train_on(devices, workdir, max_steps, cache_dir) -> str:
+    """The train command on `devices` fake CPU devices (MESHES), checkpoints every 3 steps;
+    its stdout."""
+    cmd, env = train_cli(workdir, cache_dir)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run(
+        [*cmd, "--config.model.frozen_dtype=float32", "--config.batch.global_batch=4",
+         "--config.checkpoint.every=3", f"--config.max_steps={max_steps}", *MESHES[devices]],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.integration
+def test_elastic_resume_on_other_meshes_is_exact(tmp_path):
+    """3 steps on 8 devices (data 2 x fsdp 2 x sequence 2), resumed to 6 on 4 (fsdp 4) and on
+    1; 3 steps on 4, resumed on 8: every step's loss equals the uninterrupted 8-device run's
+    within 1e-5, and each resume says in one line which mesh wrote the checkpoint."""
+    cache = tmp_path / "xla_cache"
+    straight = tmp_path / "straight8"
+    _train_on(8, straight, 6, cache)
+    reference = _losses(straight)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    runs = {}
+    for devices in (4, 1):  # the 8-device run as if preempted after its checkpoint at 3
+        workdir = tmp_path / f"8to{devices}"
+        shutil.copytree(straight, workdir, ignore=lambda d, names: ["6"] if d.endswith(
+            "checkpoints") else [])
+        runs[8, devices] = workdir, _train_on(devices, workdir, 6, cache)
+    workdir = tmp_path / "4to8"
+    _train_on(4, workdir, 3, cache)
+    runs[4, 8] = workdir, _train_on(8, workdir, 6, cache)
+    for (before, after), (workdir, out) in runs.items():
+        lines = [line for line in out.splitlines() if line.startswith("elastic resume:")]
+        assert lines == [f"elastic resume: the checkpoint was written on mesh {SHAPES[before]}, "
+                         f"this run has {SHAPES[after]}; its arrays were restored into this "
+                         "mesh's shardings"], out
+        resumed = _losses(workdir)
+        assert sorted(resumed) == [1, 2, 3, 4, 5, 6], (before, after, resumed)
+        np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
+                                   [reference[s] for s in range(1, 7)], atol=1e-5, rtol=0,
+                                   err_msg=f"{before} -> {after} devices")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -342,6 +396,112 @@ def test_load_run_verifies_and_no_trusted_checkpoint_is_one_error_line(tmp_path,
     assert _tree(ckpts) == before
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies"):
         load_run(tmp_path)
+
+
+# Reads a workdir as `evaluate --model` (load_model) and `export --workdir` (export_run) do,
+# alternately, while the file argv[2] exists; one line per read: "ok" or the error.
+READER = """
+import pathlib, sys
+from longlora_jax.errors import UserError
+from longlora_jax.io.export import export_run
+from longlora_jax.io.run import load_model
+workdir, flag = sys.argv[1], pathlib.Path(sys.argv[2])
+n = 0
+while flag.exists():
+    try:
+        if n % 2:
+            export_run(workdir, f"{workdir}-export", format="merged", overwrite=True)
+        else:
+            load_model(workdir)
+        print("ok", flush=True)
+    except UserError as err:
+        print(f"error: {err}", flush=True)
+    n += 1
+"""
+
+
+@pytest.mark.integration
+def test_readers_beside_a_writer_always_read_a_finished_checkpoint(tmp_path):
+    """`evaluate --model` and `export --workdir` (their library calls) in a loop, in another
+    process, while `train` saves asynchronously every step and keeps 2: every read succeeds
+    and says nothing on stderr; checkpoints beyond keep leave through checkpoints/deleting."""
+    workdir, flag = tmp_path / "run", tmp_path / "reading"
+    cmd, env = train_cli(workdir, tmp_path / "xla_cache")
+    proc = subprocess.Popen(
+        [*cmd, "--config.checkpoint.async_save=True", "--config.checkpoint.every=1",
+         "--config.checkpoint.keep=2", "--config.max_steps=40"],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    flag.touch()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(workdir), str(flag)], env=env,
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    finally:
+        flag.unlink()
+        proc.kill()
+        reads, reader_err = reader.communicate(timeout=120)
+    reads = reads.splitlines()
+    assert len(reads) >= 6 and set(reads) == {"ok"}, (reads, reader_err[-3000:])
+    assert "warning:" not in reader_err and "Traceback" not in reader_err, reader_err[-3000:]
+    assert _finished_steps(workdir) == [39, 40]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["39", "40"]
+
+
+@pytest.mark.integration
+def test_a_checkpoint_is_held_while_read_and_one_deleted_first_is_retried_once(tmp_path,
+                                                                               monkeypatch,
+                                                                               capsys):
+    """load_run holds the checkpoint it reads by hard links: deleted while it is verified, it
+    is still read. Deleted before it is held: the next newest is read, with no warning; that
+    one deleted too: one CheckpointError line. Where hard links fail it reads in place."""
+    train.train(_config("--config.max_steps=3", "--config.checkpoint.every=1"), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    verify, copytree = run_module.checkpoint_problem, shutil.copytree
+
+    def delete(step):  # what the writer does beyond checkpoint.keep
+        (ckpts / "deleting").mkdir(exist_ok=True)
+        os.rename(ckpts / str(step), ckpts / "deleting" / str(step))
+        shutil.rmtree(ckpts / "deleting" / str(step))
+
+    def deleting_while_verifying(manager, step, items):
+        delete(step)
+        return verify(manager, step, items)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "checkpoint_problem", deleting_while_verifying)
+        assert load_run(tmp_path).step == 3
+    assert not (ckpts / "reading").exists()  # the hard links are gone
+
+    train.train(_config("--config.max_steps=6", "--config.checkpoint.every=1"), tmp_path)
+    doomed = [6]
+
+    def deleting_before_held(source, *args, **kwargs):
+        if doomed and source.name == str(doomed[0]):
+            delete(doomed.pop(0))
+        return copytree(source, *args, **kwargs)
+
+    capsys.readouterr()
+    monkeypatch.setattr(run_module.shutil, "copytree", deleting_before_held)
+    assert load_run(tmp_path).step == 5
+    assert capsys.readouterr().err == ""
+    doomed[:] = [5, 4]
+    with pytest.raises(CheckpointError, match=r"checkpoints 5 and then 4 in .* were deleted "
+                       r"while they were read .*checkpoint.keep"):
+        load_run(tmp_path)
+
+    def no_hard_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.undo()
+    train.train(_config("--config.max_steps=7", "--config.checkpoint.every=1"), tmp_path)
+    monkeypatch.setattr(os, "link", no_hard_links)
+    assert load_run(tmp_path).step == 7
+    assert not (ckpts / "reading").exists()
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):

@@ -60,25 +60,32 @@ class LongloraLocalText(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self) -> Iterator[tuple[str, dict[str, str]]]:
         config: LocalTextConfig = self.builder_config
         for file_index, file in enumerate(config.files):
-            if config.kind == "text":
-                data = pathlib.Path(file).read_bytes()
-                text, replaced = _decode_utf8(data)
-                _check_decoded(file, replaced, len(data))
-                if text.strip():
-                    yield f"{file_index:08d}", {"name": file, "text": text}
+            for suffix, record in read_documents(file, config.kind, config.text_field):
+                yield f"{file_index:08d}{suffix}", record
+
+
+def read_documents(file: str, kind: str, text_field: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """(key suffix, {"name", "text"}) of each non-empty document of one file: the whole file
+    ("text") or each line's `text_field` ("jsonl"). DataError (one line) for a line that is
+    not a JSON object with that string field, or a file mostly not UTF-8."""
+    if kind == "text":
+        data = pathlib.Path(file).read_bytes()
+        text, replaced = _decode_utf8(data)
+        _check_decoded(file, replaced, len(data))
+        if text.strip():
+            yield "", {"name": file, "text": text}
+        return
+    replaced = size = 0
+    with open(file, "rb") as lines:
+        for line_no, raw in enumerate(lines, start=1):
+            line, bad = _decode_utf8(raw)
+            replaced, size = replaced + bad, size + len(raw)
+            if not line.strip():
                 continue
-            replaced = size = 0
-            with open(file, "rb") as lines:
-                for line_no, raw in enumerate(lines, start=1):
-                    line, bad = _decode_utf8(raw)
-                    replaced, size = replaced + bad, size + len(raw)
-                    if not line.strip():
-                        continue
-                    text = _jsonl_text(line, file, line_no, config.text_field)
-                    if text.strip():
-                        yield (f"{file_index:08d}:{line_no:010d}",
-                               {"name": f"{file}:{line_no}", "text": text})
-            _check_decoded(file, replaced, size)
+            text = _jsonl_text(line, file, line_no, text_field)
+            if text.strip():
+                yield f":{line_no:010d}", {"name": f"{file}:{line_no}", "text": text}
+    _check_decoded(file, replaced, size)
 
 
 def _decode_utf8(data: bytes) -> tuple[str, int]:
@@ -109,8 +116,9 @@ def _check_decoded(file: str, replaced: int, size: int) -> None:
 def _jsonl_text(line: str, file: str, line_no: int, field: str) -> str:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{file}:{line_no} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep
+        raise DataError(f"{file}:{line_no} is not valid JSON: {type(err).__name__}: "
+                        f"{str(err)[:200]}") from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         raise DataError(f"{file}:{line_no} has no string field {field!r} (set data.text_field)")
     return record[field]

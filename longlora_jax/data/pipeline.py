@@ -14,7 +14,9 @@ every epoch, from the seed) and packs them. So the global batch does not depend 
 processes share it, process p computes only its lanes [p*B/P, (p+1)*B/P) and tokenizes only
 their documents, and the iterator state is one (example, token offset) pair per lane.
 Documents are tokenized on first use and kept in an LRU cache; a background thread prepares
-the next batches (`data.prefetch`, see `prefetch.py`). The iterator is a
+the next batches (`data.prefetch`, see `prefetch.py`). The lane states of all processes
+together (`combine_states`) resume on any number of processes, and on another global batch
+at a recomputed position (`_repositioned`). The iterator is a
 `grain.DatasetIterator`, so grain's orbax checkpoint handlers
 (`grain.checkpoint.CheckpointSave/Restore`) can save it.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 
 import grain
@@ -104,16 +107,67 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 "fingerprint": ds.fingerprint}
 
     def set_state(self, state: dict) -> None:
+        """Resumes at `state`: this iterator's own (`get_state`), or the state of every lane
+        of the global batch (`combine_states`), which any process count resumes from, and
+        which a different global batch resumes from at a recomputed position (`_repositioned`;
+        one warning line, process 0)."""
         ds = self._ds
-        expected = {"first_lane": ds.lanes.start, "global_batch": ds.global_batch,
-                    "seq_len": ds.seq_len, "num_lanes": len(ds.lanes)}
-        got = {key: state.get(key) for key in expected} | {"num_lanes": len(state["lanes"])}
-        if got != expected:
-            raise DataError(f"data iterator state is for {got}, this pipeline has {expected}")
         if state.get("fingerprint") != ds.fingerprint:
             raise DataError("data iterator state was saved with other data settings (source, "
                             "paths, packing, seed, ...): resume with the same data config")
-        self._positions = [(int(k), int(offset)) for k, offset in state["lanes"]]
+        if state.get("seq_len") != ds.seq_len:
+            raise DataError(f"data iterator state is for seq_len={state.get('seq_len')}, this "
+                            f"pipeline has seq_len={ds.seq_len}: resume with the same seq_len")
+        lanes = [(int(k), int(offset)) for k, offset in state["lanes"]]
+        if state.get("first_lane") == 0 and len(lanes) == state.get("global_batch"):
+            if len(lanes) != ds.global_batch:
+                lanes = _repositioned(lanes, ds.global_batch, warn=ds.lanes.start == 0)
+            self._positions = lanes[ds.lanes.start:ds.lanes.stop]
+            return
+        expected = {"first_lane": ds.lanes.start, "global_batch": ds.global_batch,
+                    "num_lanes": len(ds.lanes)}
+        got = {key: state.get(key) for key in expected} | {"num_lanes": len(lanes)}
+        if got != expected:
+            raise DataError(f"data iterator state is for {got}, this pipeline has {expected}")
+        self._positions = lanes
+
+
+def combine_states(states: Sequence[dict]) -> dict:
+    """The state of every lane of the global batch from the states the processes of a run
+    saved (`get_state`, one per process, in any order): what `set_state` takes to resume on
+    any number of processes. DataError when they do not fit together."""
+    ordered = sorted(states, key=lambda s: s["first_lane"])
+    lanes = [lane for s in ordered for lane in s["lanes"]]
+    starts = [s["first_lane"] for s in ordered]
+    ends = [s["first_lane"] + len(s["lanes"]) for s in ordered]
+    same = {(s["global_batch"], s["seq_len"], s["fingerprint"]) for s in ordered}
+    if (len(same) != 1 or starts[:1] != [0] or starts[1:] != ends[:-1]
+            or len(lanes) != ordered[0]["global_batch"]):
+        raise DataError(f"the data iterator states of the {len(states)} processes do not cover "
+                        "one global batch (lanes "
+                        f"{[(a, b) for a, b in zip(starts, ends, strict=True)]})")
+    return {**ordered[0], "first_lane": 0, "lanes": lanes}
+
+
+def _repositioned(lanes: list[tuple[int, int]], global_batch: int, *,
+                  warn: bool) -> list[tuple[int, int]]:
+    """Lane positions for `global_batch` lanes that continue where `lanes` (of another global
+    batch B) stopped: lane r had read positions r, r + B, ... of the example order up to its
+    k_r-th (partly, when its offset is not 0), so every position before E = min(r + k_r B)
+    was read; the new lanes start at E (lane r' at its first position >= E). Nothing is
+    skipped; the examples at E or after that were already read, wholly or partly, are read
+    again (their count is in the warning)."""
+    old = len(lanes)
+    start = min(r + k * old for r, (k, _) in enumerate(lanes))
+    read = sum(k + (offset > 0) for k, offset in lanes)
+    if warn:
+        print(f"warning: the global batch is {global_batch} but was {old} when the data "
+              f"position was saved: reading resumes at example {start} of the data order "
+              f"(every example before it was read; {read - start} at or after it had been "
+              "read, wholly or in part, and are read again)",
+              file=sys.stderr, flush=True)
+    return [(-(-(start - r) // global_batch) if start > r else 0, 0)
+            for r in range(global_batch)]
 
 
 def _check_sizes(seq_len: int, global_batch: int, process_index: int, process_count: int,

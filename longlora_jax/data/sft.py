@@ -74,8 +74,9 @@ def load_sft_json(path: str | pathlib.Path) -> list[dict[str, str]]:
         raise DataError(f"SFT data file {str(path)!r} does not exist")
     try:
         examples = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"SFT data file {str(path)!r} is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"SFT data file {str(path)!r} is not valid JSON (UTF-8): "
+                        f"{type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(examples, list) or not examples:
         raise DataError(f"SFT data file {str(path)!r} must hold a non-empty JSON list of "
                         "{instruction, input, output} objects")

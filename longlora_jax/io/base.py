@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 
 from longlora_jax.data import assets
 from longlora_jax.data.tokenizer import ByteTokenizer
-from longlora_jax.errors import ConfigError
+from longlora_jax.errors import ConfigError, first_line
 from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer, read_gguf_config
 from longlora_jax.io.hf import load_pretrained
 from longlora_jax.modeling import quant
@@ -183,18 +183,34 @@ def load_tokenizer(tokenizer: str, spec: BaseSpec):
     if tokenizer == "standin-sp32k":
         return LlamaTokenizer.from_pretrained(str(assets.mistral_tokenizer_model().parent))
     if tokenizer.startswith("hf:"):
-        return AutoTokenizer.from_pretrained(tokenizer[3:], local_files_only=True)
+        return _hf_tokenizer(tokenizer[3:])
     if tokenizer != "auto":
         raise ConfigError(f"model.tokenizer={tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
     if spec.kind == "hf":
         if not has_own_tokenizer(spec):
             raise ConfigError(f"model.tokenizer='auto' but the base {spec} has no tokenizer "
                               f"files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer")
-        return AutoTokenizer.from_pretrained(spec.location, local_files_only=True)
+        return _hf_tokenizer(spec.location)
     return load_gguf_tokenizer(spec.gguf_path())
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# What transformers raises for tokenizer files it cannot parse (JSON, encodings, missing or
+# wrongly typed fields); the `tokenizers` library raises a bare `Exception` (caught by type).
+_TOKENIZER_FILE_ERRORS = (ValueError, OSError, KeyError, TypeError, AttributeError, IndexError,
+                          RecursionError)
+
+
+def _hf_tokenizer(location: str):
+    """The HF tokenizer of a local directory; ConfigError (one line, naming the directory and
+    the parser's complaint) when its files cannot be read."""
+    try:
+        return AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except Exception as err:
+        if type(err) is not Exception and not isinstance(err, _TOKENIZER_FILE_ERRORS):
+            raise
+        raise ConfigError(f"the tokenizer files in {location} cannot be read "
+                          f"({type(err).__name__}: {first_line(err)[:200]})") from None
 
 
 def has_own_tokenizer(spec: BaseSpec) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,8 +92,34 @@ def _open(path: str | os.PathLike) -> tuple[pathlib.Path, gguf.GGUFReader, dict[
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
-    reader = gguf.GGUFReader(path)  # memory-mapped: tensors are read when dequantized
+    reader = _reader(path)
     return path, reader, {t.name: t for t in reader.tensors}
+
+
+# What the `gguf` package raises for a damaged file while it parses the header, the metadata
+# and the tensor table (bad magic or version, counts and lengths beyond the file, unknown
+# type codes, undecodable strings).
+_MALFORMED = (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error,
+              UnicodeDecodeError, RecursionError)
+
+
+def _reader(path: pathlib.Path) -> gguf.GGUFReader:
+    """The memory-mapped reader of `path` (tensors are read when dequantized), every tensor's
+    bytes checked to lie inside the file; CheckpointError (one line) for a damaged file."""
+    try:
+        reader = gguf.GGUFReader(path)
+        size = path.stat().st_size
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != t.n_bytes:
+                raise CheckpointError(f"{path}: tensor {t.name!r:.80} claims bytes "
+                                      f"{t.data_offset}..{end}, past the file's end ({size})")
+    except CheckpointError:
+        raise
+    except _MALFORMED as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    return reader
 
 
 def _config(reader, tensors, dtype: Any, overrides: Mapping[str, Any] | None) -> LlamaConfig:
@@ -165,7 +192,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
         convert_gguf_tokenizer,
     )
 
-    reader = gguf.GGUFReader(path)
+    reader = _reader(pathlib.Path(path))
     grouped = {
         group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
                 if reader.get_field(f"tokenizer.{key}") is not None}

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from longlora_jax.errors import CheckpointError
+from longlora_jax.errors import CheckpointError, first_line
 from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.families import build_model
@@ -389,6 +389,27 @@ def find_weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     raise CheckpointError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {str(path)!r}")
 
 
+def open_safetensors(files: list[pathlib.Path], stack: ExitStack) -> dict[str, Any]:
+    """{tensor name: lazy slice} of safetensors `files`, kept open by `stack`.
+
+    The safetensors library checks each header against its file (its length, every tensor's
+    byte range inside the data, dtype sizes) before anything is read; a file that fails is
+    one CheckpointError line naming it, never a partial read.
+    """
+    slices = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{SAFE_INDEX} names {file.name}, which is missing")
+        try:
+            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            names = handle.keys()  # a safe_open handle is not iterable
+            slices.update({name: handle.get_slice(name) for name in names})
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file "
+                                  f"({first_line(err)})") from None
+    return slices
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -413,13 +434,7 @@ def load_pretrained(
     overrides = dict(config_overrides or {})
     cfg = LlamaConfig.from_hf(path, **overrides)
     with ExitStack() as stack:
-        handles = {}
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{SAFE_INDEX} names {file.name}, which is missing")
-            handle = stack.enter_context(safe_open(file, framework="numpy"))
-            handles.update(dict.fromkeys(handle.keys(), handle))
-        slices = {name: handle.get_slice(name) for name, handle in handles.items()}
+        slices = open_safetensors(files, stack)
         shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
         if dtype is None:
             dtype = overrides.get("param_dtype") or _checkpoint_dtype(slices, cfg)

@@ -16,6 +16,9 @@ into a temporary directory and renames it when complete, so only finished steps 
 `load_run` verifies the manifest of the items it reads (trainable, meta) first: the newest
 checkpoint that verifies is used, each newer one that does not is one warning line naming the
 damaged item, and CheckpointError (one line) when none does or the step asked for does not.
+It may run beside the run writing the workdir: checkpoints appear and disappear in one
+rename each (`checkpoint_manager`), the one read is held by hard links while it is read
+(`held`), and one deleted before it is held is retried once on the next newest.
 
 `load_model(source)` loads any model the commands take: a base ("smollm2", "hf:DIR",
 "gguf:FILE", "preset:NAME"; see `io.base`), a base plus a PEFT adapter directory
@@ -26,11 +29,15 @@ are applied on the fly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -67,6 +74,10 @@ ITEMS = (TRAINABLE, OPTIMIZER, DATA, META)
 # whose meta has it and that has no manifest.json is damaged; one whose meta lacks it predates
 # manifests.
 MANIFEST_KEY = "manifest"
+# Where orbax moves a checkpoint beyond `checkpoint.keep`, for the writer to delete it there.
+DELETING = "deleting"
+# Where a reader holds the checkpoint it reads, by hard links (`held`).
+READING = "reading"
 # The one item of checkpoints written before the trainable leaves and the optimizer were split.
 _PRE_SPLIT_ITEM = "state"
 _META_FILE = "metadata"  # the file orbax's JsonCheckpointHandler writes in the meta item
@@ -77,12 +88,17 @@ def checkpoint_manager(workdir: str | pathlib.Path, *, keep: int | None = None,
                        on_written: Callable[[], None] | None = None) -> ocp.CheckpointManager:
     """The orbax manager of `workdir/checkpoints` with this layout's four items.
 
+    Checkpoints beyond `keep` are renamed into `checkpoints/deleting/` (one atomic rename, so
+    a reader never sees a half-deleted step) and deleted from there by the writer
+    (`training.checkpoint`).
+
     on_written: called by orbax on process 0, in its writer thread, once every process has
     written a save's items and before the temporary directory is renamed to the step (the
     checkpointer writes the manifest there); it makes the manager asynchronous.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save or bool(on_written),
+        max_to_keep=keep, create=True, todelete_subdir=DELETING,
+        enable_async_checkpointing=async_save or bool(on_written),
         async_options=ocp.AsyncOptions(post_finalization_callback=on_written) if on_written
         else None)
     return ocp.CheckpointManager(
@@ -100,6 +116,19 @@ def checkpoint_manager(workdir: str | pathlib.Path, *, keep: int | None = None,
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The `meta` item of checkpoint `step`."""
     return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+
+def data_states(manager: ocp.CheckpointManager, step: int) -> list[dict[str, Any]]:
+    """The data-iterator states of checkpoint `step`, one per process of the run that wrote
+    it (grain's handler writes `process_<i>-of-<n>.json` each); read directly, so that a run
+    on another number of processes can resume from them. ValueError when some are missing."""
+    folder = pathlib.Path(manager.directory) / str(step) / DATA
+    files = sorted(folder.glob("process_*-of-*.json"))
+    counts = {path.stem.rpartition("-of-")[2] for path in files}
+    if not files or len(counts) != 1 or len(files) != int(counts.pop()):
+        raise ValueError(f"{folder} does not hold one data state per process "
+                         f"({[p.name for p in files]})")
+    return [json.loads(path.read_text()) for path in files]
 
 
 def warn(message: str) -> None:
@@ -139,22 +168,87 @@ def checkpoint_problem(manager: ocp.CheckpointManager, step: int,
     return None
 
 
-def newest_readable_meta(manager: ocp.CheckpointManager, items: Sequence[str] = (META,)
-                         ) -> tuple[int, dict[str, Any]] | None:
-    """(step, meta) of the newest checkpoint whose `items` verify (`checkpoint_problem`) and
-    whose meta reads; each newer one is reported in one warning line and skipped (it stays on
-    disk). None when there is no such checkpoint."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        where = pathlib.Path(manager.directory) / str(step)
-        problem = checkpoint_problem(manager, step, items)
-        if problem is None:
+class Vanished(Exception):
+    """Checkpoint `step` was deleted (or moved) while it was being read."""
+
+    def __init__(self, step: int):
+        super().__init__(f"checkpoint {step} disappeared while it was read")
+        self.step = step
+
+
+@contextlib.contextmanager
+def held(workdir: pathlib.Path, step: int) -> Iterator[pathlib.Path]:
+    """A workdir whose `checkpoints/<step>` is checkpoint `step` of `workdir`, held for the
+    reader: every file hard-linked into `checkpoints/reading/<id>/checkpoints/<step>` (no
+    bytes copied), so the writer deleting it (`checkpoint.keep`) no longer matters once the
+    links exist; the links are removed on exit. Where hard links cannot be made (a file
+    system without them, a workdir the reader cannot write), `workdir` itself. Vanished when
+    the checkpoint disappears before it is held."""
+    source = workdir / CHECKPOINTS / str(step)
+    root = workdir / CHECKPOINTS / READING / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, root / CHECKPOINTS / str(step), copy_function=os.link)
+    except OSError:  # shutil.Error (files that went meanwhile) is an OSError too
+        _release(root)
+        if not source.is_dir():
+            raise Vanished(step) from None
+        root = None
+    try:
+        yield workdir if root is None else root
+    finally:
+        if root is not None:
+            _release(root)
+
+
+def _release(root: pathlib.Path) -> None:
+    """Removes a reader's hard links (`held`), and `checkpoints/reading` when no other reader
+    is using it."""
+    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another reader holds a checkpoint
+        root.parent.rmdir()
+
+
+def _read(workdir: pathlib.Path, step: int, quantize: str | None) -> tuple | str:
+    """(step, meta, cfg, labels, shardings, trainable leaves) of checkpoint `step`, held
+    (`held`) and verified, or why it cannot be used (`checkpoint_problem`, or an unreadable
+    meta). Vanished when it disappears before it is held (or, read in place, before its
+    leaves are read)."""
+    with held(workdir, step) as where:
+        manager = checkpoint_manager(where)
+        try:
+            in_place = where == workdir
+            problem = checkpoint_problem(manager, step, (TRAINABLE, META))
+            if problem is None:
+                try:
+                    meta = read_meta(manager, step)
+                except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+                    problem = f"its meta is unreadable ({first_line(err)})"
+            if problem is not None:
+                if in_place and not (workdir / CHECKPOINTS / str(step)).is_dir():
+                    raise Vanished(step)
+                return problem
+            if "model" not in meta:
+                raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was written "
+                                      "by an older longlora_jax (its meta has no model config)")
+            cfg = LlamaConfig.from_dict(meta["model"])
+            if quantize is not None:
+                cfg = cfg.replace(quantize=quantize)
+            shardings = rules.tree_shardings(single_device_mesh(),
+                                             abstract_variables(build_model(cfg)))
+            labels, abstract = trainable_abstract(cfg, meta["mode"], shardings)
             try:
-                return step, read_meta(manager, step)
-            except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
-                problem = f"its meta is unreadable ({first_line(err)})"
-        warn(f"checkpoint {where} cannot be used: {problem}; using the previous one (this one "
-             "is left on disk)")
-    return None
+                trainable = manager.restore(step, args=ocp.args.Composite(
+                    **{TRAINABLE: ocp.args.StandardRestore(abstract)}))[TRAINABLE]
+            except (ValueError, OSError):
+                if in_place and not (workdir / CHECKPOINTS / str(step)).is_dir():
+                    raise Vanished(step) from None
+                raise
+            # Read in place, files opened after its deletion began may not be its own.
+            if in_place and not (workdir / CHECKPOINTS / str(step)).is_dir():
+                raise Vanished(step)
+        finally:
+            manager.close()
+    return step, meta, cfg, labels, shardings, trainable
 
 
 def trainable_abstract(cfg: LlamaConfig, mode: str, shardings: Any) -> tuple[Any, Any]:
@@ -195,44 +289,33 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
     verify against its manifest (`checkpoint_problem`; each newer one is a warning line).
     CheckpointError when the workdir has no such checkpoint, or `step` does not verify.
 
+    Safe beside a run writing the workdir: only finished checkpoints are listed (orbax
+    renames a step into place when it is complete), and the one chosen is held by hard
+    links (`held`) before it is verified and read, so the writer deleting it meanwhile
+    (`checkpoint.keep`) changes nothing. When it disappears before it is held (or, where
+    hard links cannot be made, before it is read), the next newest is read instead, once;
+    a second disappearance (or the `step` asked for) is CheckpointError.
+
     quantize: how to store the base (`LlamaConfig.quantize`); None keeps the run's own. A
     quantized base is quantized from the run's `model.frozen_dtype`, as training did, so
     its codes and scales are the ones the run trained on; compute stays in `dtype`.
     """
     workdir = pathlib.Path(workdir)
-    manager = checkpoint_manager(workdir)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointError(f"no finished checkpoint in {workdir / CHECKPOINTS}")
-        if step is None:
-            found = newest_readable_meta(manager, (TRAINABLE, META))
-            if found is None:
-                raise CheckpointError(f"no checkpoint in {workdir / CHECKPOINTS} verifies (see "
-                                      "the warnings above); nothing was changed")
-            step, meta = found
-        elif step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {workdir / CHECKPOINTS}; "
-                                  f"available: {steps}")
-        else:
-            problem = checkpoint_problem(manager, step, (TRAINABLE, META))
-            if problem is not None:
-                raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} cannot be "
-                                      f"used: {problem}")
-            meta = read_meta(manager, step)
-        if "model" not in meta:
-            raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was written by "
-                                  "an older longlora_jax (its meta has no model config)")
-        cfg = LlamaConfig.from_dict(meta["model"])
-        if quantize is not None:
-            cfg = cfg.replace(quantize=quantize)
-        mesh = single_device_mesh()
-        shardings = rules.tree_shardings(mesh, abstract_variables(build_model(cfg)))
-        labels, abstract = trainable_abstract(cfg, meta["mode"], shardings)
-        trainable = manager.restore(step, args=ocp.args.Composite(
-            **{TRAINABLE: ocp.args.StandardRestore(abstract)}))[TRAINABLE]
-    finally:
-        manager.close()
+        found = _read_trainable(workdir, step, quantize)
+    except Vanished as first:
+        if step is not None:
+            raise CheckpointError(f"checkpoint {step} in {workdir / CHECKPOINTS} was deleted "
+                                  "while it was read (by the run writing there: "
+                                  "checkpoint.keep); ask for a newer step") from None
+        try:
+            found = _read_trainable(workdir, None, quantize, skip=first.step)
+        except Vanished as second:
+            raise CheckpointError(
+                f"checkpoints {first.step} and then {second.step} in {workdir / CHECKPOINTS} "
+                "were deleted while they were read (by the run writing there: checkpoint.keep); "
+                "read again, or keep more checkpoints (checkpoint.keep)") from None
+    step, meta, cfg, labels, shardings, trainable = found
     base_dtype = dtype
     if cfg.quantize != "none":
         base_dtype = meta.get("config", {}).get("model", {}).get("frozen_dtype", dtype)
@@ -241,6 +324,39 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None,
                               shardings=shardings["params"])
     _, frozen = split_trainable({"params": params}, labels)
     return Run(cfg.replace(dtype=dtype), merge_trees(trainable, frozen), meta, step)
+
+
+def _read_trainable(workdir: pathlib.Path, step: int | None, quantize: str | None, *,
+                    skip: int | None = None) -> tuple:
+    """`_read` of checkpoint `step`, or (None) of the newest that verifies other than `skip`,
+    each newer one that does not being one warning line; for `load_run`. CheckpointError
+    when there is none; Vanished as `_read`."""
+    folder = workdir / CHECKPOINTS
+    manager = checkpoint_manager(workdir)
+    try:
+        steps = sorted(manager.all_steps())
+    finally:
+        manager.close()
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {folder}")
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {folder}; available: "
+                                  f"{steps}")
+        found = _read(workdir, step, quantize)
+        if isinstance(found, str):
+            raise CheckpointError(f"checkpoint {step} in {folder} cannot be used: {found}")
+        return found
+    for candidate in reversed(steps):
+        if candidate == skip:
+            continue
+        found = _read(workdir, candidate, quantize)
+        if not isinstance(found, str):
+            return found
+        warn(f"checkpoint {folder / str(candidate)} cannot be used: {found}; using the "
+             "previous one (this one is left on disk)")
+    raise CheckpointError(f"no checkpoint in {folder} verifies (see the warnings above); "
+                          "nothing was changed")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -454,6 +454,8 @@ class LlamaConfig:
         fields (dtype, LoRA, S2-Attn, ...).
         """
         hf = _read_hf_dict(source)
+        if isinstance(source, Mapping):
+            _check_hf_dict(hf, "the model config")
         model_type = hf.get("model_type", "llama")
         _check_model_type(model_type)
         rope_block = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -621,8 +623,57 @@ def _read_hf_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, An
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json at {path!r}: an HF checkpoint directory needs one")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    _check_hf_dict(hf, path)
+    return hf
+
+
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+_HF_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_ROPE_NUMBERS = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+
+
+def _check_hf_dict(hf: Any, where: str) -> None:
+    """ConfigError (one line) for a config whose architecture fields have the wrong types:
+    sizes that are not positive integers, numbers that are not finite numbers, a rope block
+    that is not an object of numbers, token ids that are not integers."""
+    def bad(key: str, value: Any, what: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r:.60} must be {what}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return ((is_int(value) or isinstance(value, float)) and math.isfinite(value))
+
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where}: a model config is a JSON object, not a {type(hf).__name__}")
+    for key in _HF_SIZES + _HF_OPTIONAL_SIZES:
+        value = hf.get(key)
+        if (value is not None or key in _HF_SIZES) and not (is_int(value) and value > 0):
+            raise bad(key, value, "a positive integer")
+    for key, value in hf.items():
+        if key in ("rope_parameters", "rope_scaling") and value is not None:
+            if not isinstance(value, dict):
+                raise bad(key, value, "an object")
+            for name, item in value.items():
+                if name in _ROPE_NUMBERS and item is not None and not is_number(item):
+                    raise bad(f"{key}.{name}", item, "a number")
+        elif key.endswith(("_eps", "_theta", "_base", "_range", "_pct", "_factor")):
+            if value is not None and not is_number(value):
+                raise bad(key, value, "a number")
+        elif key.endswith("token_id") and value is not None:
+            ids = value if isinstance(value, list) else [value]
+            if not all(is_int(i) for i in ids):
+                raise bad(key, value, "an integer or a list of integers")
+        elif key == "model_type" and not isinstance(value, str):
+            raise bad(key, value, "a string")
 
 
 def linear_pi_factor(seq_len: int, original_context: int) -> float:

@@ -16,6 +16,12 @@ checks that the file system has room for the state's arrays, so a disk that is a
 is reported before anything is written. Asynchronous saves report their failure at the next
 save or `wait`, naming the step that failed.
 
+Readers beside the writer (`io.run.load_run`: evaluate, export, a notebook). Orbax makes a
+step visible under its final name only when it is complete, and a checkpoint beyond `keep`
+is renamed into `checkpoints/deleting/` in one step and deleted from there (at the next save
+or `wait`), so a reader lists only finished checkpoints and never one half-deleted; one that
+vanishes while it is read is retried once on the next newest (`load_run`).
+
 Integrity. Every checkpoint carries `manifest.json` (`io.manifest`): each file of its four
 items with its size and sha256. Process 0 writes it from orbax's writer thread once every
 process has written the items and before orbax renames the temporary directory to the step
@@ -57,6 +63,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from longlora_jax.data.pipeline import combine_states
 from longlora_jax.errors import CheckpointError, first_line
 from longlora_jax.io import manifest, run
 from longlora_jax.modeling.config import LlamaConfig
@@ -125,6 +132,13 @@ class Checkpointer:
         if is_main_process():
             for path in self.directory.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
                 shutil.rmtree(path)
+        self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        """Deletes the checkpoints orbax moved to `checkpoints/deleting/` (beyond `keep`;
+        `io.run.checkpoint_manager`), process 0."""
+        if is_main_process() and (self.directory / run.DELETING).is_dir():
+            shutil.rmtree(self.directory / run.DELETING)  # orbax makes it again when needed
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any], *,
              force: bool = False) -> bool:
@@ -244,7 +258,12 @@ class Checkpointer:
                        data_iterator: Any) -> tuple[Any, int, dict[str, Any]] | None:
         """(state, step, meta) from the newest trusted checkpoint, or None if there is none.
 
-        The data iterator is restored in place. Each newer checkpoint that is not trusted
+        Elastic: the arrays are read straight into the shardings of `abstract_state` (this
+        run's mesh, whatever mesh wrote them), and the data iterator is restored in place
+        from the lane states of every process that saved it (`data.pipeline.combine_states`),
+        so the mesh shape, the device count and the process count may all differ from the
+        run that wrote the checkpoint; a different global batch resumes at a recomputed data
+        position (one warning line). Each newer checkpoint that is not trusted
         (see the module docstring) is one warning line and is moved to `checkpoints/rejected`,
         not deleted. CheckpointError (nothing changed) when checkpoints exist and none is
         trusted.
@@ -257,14 +276,15 @@ class Checkpointer:
                     restored = self.manager.restore(step, args=ocp.args.Composite(**{
                         run.TRAINABLE: ocp.args.StandardRestore(abstract_state.trainable),
                         run.OPTIMIZER: ocp.args.StandardRestore(_optimizer_part(abstract_state)),
-                        run.DATA: grain.checkpoint.CheckpointRestore(data_iterator),
                         run.META: ocp.args.JsonRestore(),
                     }))
+                    states = run.data_states(self.manager, step)
                 except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
                     problem = f"it is unreadable ({first_line(err)})"
             if problem is not None:
                 rejected.append((step, problem))
                 continue
+            data_iterator.set_state(combine_states(states))  # DataError: other data settings
             self._set_aside(rejected, step)
             rest = restored[run.OPTIMIZER]
             state = abstract_state.replace(trainable=restored[run.TRAINABLE], **rest)
@@ -309,6 +329,7 @@ class Checkpointer:
                 raise
             raise failure from None
         self._pending = None
+        self._purge_deleted()
 
     def close(self) -> None:
         """Waits for the last save and releases orbax's threads."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -130,6 +131,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     stack.callback(writer.close)
     if restored is not None:
         writer.say(f"resumed from checkpoint at step {start_step} in {checkpointer.directory}")
+        if (change := _shape_change(restored_meta.get("devices"), _devices(mesh))) is not None:
+            writer.say(change)
     writer.say(_describe(config, cfg, spec, mesh))
     writer.say(params_line)
 
@@ -143,7 +146,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     extra: dict[str, Any] = {"trainable_params": n_trainable, "total_params": n_total}
     if (result := evals.before(start_step, current_variables)) is not None:
         extra["eval_before"] = result
-    saves = Saves(checkpointer, _lineage_meta(config, cfg, spec, expected), segments,
+    saves = Saves(checkpointer, _lineage_meta(config, cfg, spec, expected, mesh), segments,
                   max_steps=config.max_steps)
     segment = Segment(start_step)
     log = StepLog(writer, segment, log_every=config.log_every, max_steps=config.max_steps)
@@ -191,11 +194,34 @@ def _describe(config: ml_collections.ConfigDict, cfg: LlamaConfig, spec: BaseSpe
     )
 
 
+def _devices(mesh: Mesh) -> dict[str, Any]:
+    """What a checkpoint records of the devices that wrote it: mesh shape, processes."""
+    return {"mesh": dict(mesh.shape), "processes": jax.process_count()}
+
+
+def _shape_change(before: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """The info line of a resume on other devices than the checkpoint's (`_devices`); None
+    when they are the same or the checkpoint predates the record."""
+    if before is None or before == now:
+        return None
+
+    def shape(d: dict[str, Any]) -> str:
+        devices, processes = math.prod(d["mesh"].values()), d["processes"]
+        return (" x ".join(f"{axis} {n}" for axis, n in d["mesh"].items())
+                + f" ({devices} device{'s' * (devices != 1)}, {processes} "
+                f"process{'es' * (processes != 1)})")
+
+    return (f"elastic resume: the checkpoint was written on mesh {shape(before)}, this run has "
+            f"{shape(now)}; its arrays were restored into this mesh's shardings")
+
+
 def _lineage_meta(config: ml_collections.ConfigDict, cfg: LlamaConfig, spec: BaseSpec,
-                  expected: dict[str, Any]) -> dict[str, Any]:
+                  expected: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     """What every checkpoint of the run records besides its segments: the fingerprint a
-    resume must match, the model, the base and tokenizer, the seed and the whole config."""
+    resume must match, the model, the base and tokenizer, the seed, the whole config and
+    the devices (`_devices`)."""
     return {
+        "devices": _devices(mesh),
         "fingerprint": expected,
         "model": cfg.to_dict(),
         "mode": config.lora.mode,
