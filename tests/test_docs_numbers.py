@@ -98,7 +98,7 @@ def quant_table():
     for m in models:
         ppl = m["perplexity"]["2048"]["ppl"]
         rows.append([m["name"], f"{ppl:.2f}", "-" if ppl == ref else pct(ppl / ref)])
-    return table(["model (frozen projections)", "ppl @2048", "vs bf16"], rows)
+    return table(["model (frozen projections)", "ppl @2048", "vs fp32 (dequantized Q4_1)"], rows)
 
 
 def group_size_table():
@@ -309,9 +309,9 @@ README_CELLS = [
     (f"{_aot('full_attention', 'per_chip_bytes') / GIB:.1f} GiB", "70B QLoRA: full per chip"),
     (_aot("topology"), "70B QLoRA: slice"),
     (f"{_aot('seq_len')}", "70B QLoRA: N"),
-    (pct(_quant("smollm2 (int8)")), "int8 ppl vs bf16"),
-    (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs bf16"),
-    (pct(_quant("smollm2 (int4)")), "int4 ppl vs bf16"),
+    (pct(_quant("smollm2 (int8)")), "int8 ppl vs fp32"),
+    (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs fp32"),
+    (pct(_quant("smollm2 (int4)")), "int4 ppl vs fp32"),
     (f"{get('docs/qlora/train_step.json', 'rows', 0, 'nf4/plain'):.2f}×", "nf4 step vs bf16"),
     (_long(LS2, "4x"), "long miniature: LoRA+ S2 @1024, 4x"),
     (_long(LP, "4x"), "long miniature: LoRA+ full @1024, 4x"),
@@ -351,7 +351,7 @@ DOC_CELLS = [
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
 README_LABELS = {"2", "4", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
                  "16384"}
-NUMBER = r"(?<![A-Za-z\d.])\d+(?:[.,]\d+)*"   # not the digits of a name (bf16, int4, S2)
+NUMBER = r"(?<![A-Za-z\d._])\d+(?:[.,]\d+)*"  # not the digits of a name (bf16, int4, S2, Q4_1)
 
 
 def headline_table(text):
