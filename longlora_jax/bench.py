@@ -8,7 +8,9 @@ also writes them):
   train       tokens/s of our LongLoRA train step vs transformers + PEFT on a SmolLM2-shaped
               model on the same algorithm, with MFU and HFU (`benchmarks.train_step`).
   quant       bytes of a quantized frozen base (codes, scales, float rest) and the host's
-              peak memory while it loads, per scheme (`benchmarks.quant`).
+              peak memory while it loads, per scheme (`benchmarks.quant`); with `--measure
+              quality`, its perplexity per scheme and against bitsandbytes and hqq
+              (`benchmarks.quant_quality`).
   longest     the longest sequence whose LoRA+ training step runs in this machine's memory,
               ours and the peer's, each trial in a watched subprocess (`benchmarks.longest`).
 """

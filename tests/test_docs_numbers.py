@@ -98,7 +98,18 @@ def quant_table():
     for m in models:
         ppl = m["perplexity"]["2048"]["ppl"]
         rows.append([m["name"], f"{ppl:.2f}", "-" if ppl == ref else pct(ppl / ref)])
-    return table(["model (frozen projections)", "ppl @2048", "vs bf16"], rows)
+    return table(["model (frozen projections)", "ppl @2048", "vs fp32 (dequantized Q4_1)"], rows)
+
+
+QUALITY = "docs/quant_smollm2/quality.json"
+
+
+def quality_table():
+    rows = [[r["quantize"], f"{r['ppl']:.2f}",
+             "-" if r["vs float"] == 1 else pct(r["vs float"]), f"{r['bits / param']:.3f}"]
+            for r in load(QUALITY)["rows"]]
+    return table(["frozen projections", "ppl @2048", "vs fp32 (dequantized Q4_1)",
+                  "bits / parameter (bf16 parameters)"], rows)
 
 
 def group_size_table():
@@ -204,9 +215,11 @@ TABLES = {
                           lambda: eval_table("docs/miniature_bytes/check_4x_steps_eval_attention/"
                                              "results.json")],
     "docs/speed.md": [train_table, longest_table],
-    "docs/qlora.md": [quant_table, group_size_table, memory_table, qlora_speed_table],
+    "docs/qlora.md": [quant_table, quality_table, group_size_table, memory_table,
+                      qlora_speed_table],
     "docs/fit.md": [aot_table],
     "docs/reliability.md": [fuzz_table],
+    "README.md": [quality_table],
     "docs/evaluation.md": [lambda: eval_table("docs/eval_attention_smollm2/results.json"),
                            lambda: eval_table("docs/eval_demo/results.json"),
                            lambda: eval_table("docs/eval_smollm2/results.json"),
@@ -228,6 +241,15 @@ def _quant(name):
     models = load("docs/quant_smollm2/results.json")["models"]
     ref = by(models, "name", "smollm2 (none)")["perplexity"]["2048"]["ppl"]
     return by(models, "name", name)["perplexity"]["2048"]["ppl"] / ref
+
+
+def _quality(name):
+    return by(load(QUALITY)["rows"], "quantize", name)["vs float"]
+
+
+def _hqq_share():
+    """The part of nf4's perplexity increase that hqq4 removes."""
+    return (_quality("nf4") - _quality("hqq4")) / (_quality("nf4") - 1)
 
 
 def _aot(*keys):
@@ -327,9 +349,11 @@ README_CELLS = [
     (f"{_aot('full_attention', 'per_chip_bytes') / GIB:.1f} GiB", "70B QLoRA: full per chip"),
     (_aot("topology"), "70B QLoRA: slice"),
     (f"{_aot('seq_len')}", "70B QLoRA: N"),
-    (pct(_quant("smollm2 (int8)")), "int8 ppl vs bf16"),
-    (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs bf16"),
-    (pct(_quant("smollm2 (int4)")), "int4 ppl vs bf16"),
+    (pct(_quant("smollm2 (int8)")), "int8 ppl vs fp32"),
+    (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs fp32"),
+    (pct(_quant("smollm2 (int4)")), "int4 ppl vs fp32"),
+    (pct(_quality("hqq4")), "hqq4 ppl vs fp32"),
+    (f"{_hqq_share():.0%} of nf4's increase", "hqq4's share of nf4's increase"),
     (f"{get('docs/qlora/train_step.json', 'rows', 0, 'nf4/plain'):.2f}×", "nf4 step vs bf16"),
     (_long(LS2, "4x"), "long miniature: LoRA+ S2 @1024, 4x"),
     (_long(LP, "4x"), "long miniature: LoRA+ full @1024, 4x"),
@@ -360,6 +384,9 @@ DOC_CELLS = [
     ("docs/miniature_bytes.md", f"{get(MINI, 'train_seconds'):.0f} s", "fine-tuning seconds"),
     ("docs/miniature_bytes.md", f"{get(MINI, 'seconds'):.0f} s", "whole invocation seconds"),
     ("docs/miniature_bytes.md", _passkey_best(), "best passkey of any variant"),
+    ("docs/qlora.md", f"took {sum(r['seconds'] for r in load(QUALITY)['rows']) / 60:.0f} min",
+     "quality bench minutes"),
+    ("docs/qlora.md", f"removes {_hqq_share():.0%} of nf4's", "hqq4's share of nf4's increase"),
     ("docs/fit.md", f"{_aot('per_chip', 'arguments') / GIB:.2f} GiB", "70B QLoRA arguments"),
     ("docs/fit.md", f"{_aot('arguments_bytes', 'frozen_weights') / GIB:.2f} GiB",
      "70B QLoRA frozen weights"),
@@ -370,7 +397,7 @@ DOC_CELLS = [
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
 README_LABELS = {"2", "4", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
                  "16384"}
-NUMBER = r"(?<![A-Za-z\d.])\d+(?:[.,]\d+)*"   # not the digits of a name (bf16, int4, S2)
+NUMBER = r"(?<![A-Za-z\d._])\d+(?:[.,]\d+)*"  # not the digits of a name (bf16, int4, S2, Q4_1)
 
 
 def headline_table(text):

@@ -22,7 +22,7 @@ LAYERS = ("errors", "cli", "parallel", "modeling", "data", "io", "inference", "e
           "training", "benchmarks", "experiments")
 COMMANDS = ("train", "evaluate", "generate", "export", "aot", "bench", "assets", "miniature")
 # Third-party imports allowed inside functions: optional peers, imported only when asked for.
-LAZY_OK = {"torch", "peft", "transformers"}
+LAZY_OK = {"torch", "peft", "transformers", "bitsandbytes", "hqq"}
 
 
 def _modules(package: pathlib.Path = PACKAGE) -> list[tuple[str, pathlib.Path]]:

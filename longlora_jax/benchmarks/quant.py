@@ -1,4 +1,5 @@
-"""Memory of a quantized frozen base: `python -m longlora_jax.bench quant`.
+"""Memory of a quantized frozen base: `python -m longlora_jax.bench quant` (its quality:
+`--measure quality`, `benchmarks.quant_quality`).
 
 For each scheme of `model.quantize` the base (SmolLM2-135M by default: real weights, offline)
 is loaded in a subprocess of its own, as `evaluate`/`generate` load it (`io.run.load_model`,
@@ -24,16 +25,23 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from longlora_jax.benchmarks import quant_quality
 from longlora_jax.benchmarks.common import report
+from longlora_jax.errors import ConfigError
 from longlora_jax.io.run import load_model
 from longlora_jax.modeling import quant
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """model (a base: smollm2 | hf:DIR | gguf:FILE | preset:NAME), dtype (of the unquantized
-    weights and the scales), schemes (the first is the reference of the ratios), json."""
-    return ml_collections.ConfigDict(dict(model="smollm2", dtype="bfloat16",
-                                          schemes=quant.SCHEMES, json=""))
+    """measure ("memory": this module's bytes; "quality": perplexity, `benchmarks.
+    quant_quality`), model (a base: smollm2 | hf:DIR | gguf:FILE | preset:NAME), dtype (memory:
+    of the unquantized weights and the scales; quality evaluates in fp32), schemes (the first
+    is the reference of the ratios), json; quality only: peers (bitsandbytes_nf4,
+    bitsandbytes_nf4_dq, hqq), length (tokens per window), max_windows, data (an offline
+    evaluation source)."""
+    return ml_collections.ConfigDict(dict(
+        measure="memory", model="smollm2", dtype="bfloat16", schemes=quant.SCHEMES, json="",
+        peers=quant_quality.PEERS, length=2048, max_windows=8, data="offline_all"))
 
 
 _CHILD = textwrap.dedent("""
@@ -68,6 +76,10 @@ def measure_load(model: str, dtype: str, scheme: str) -> dict[str, Any]:
 
 
 def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    if config.measure == "quality":
+        return quant_quality.run(config)
+    if config.measure != "memory":
+        raise ConfigError(f"measure={config.measure!r}; valid: memory, quality")
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for scheme in config.schemes:

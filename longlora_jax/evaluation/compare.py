@@ -73,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     dtype             weights and compute dtype
     quantize          how each model's base projections are stored, each evaluated in turn
                       (a tuple): auto (a workdir's own, none for a base) | none | int8 |
-                      int4 | nf4 (see `modeling.quant`); a name gets "(int8)" etc.
+                      int4 | nf4 | hqq4, or a 4-bit one + dq (see `modeling.quant`); a
+                      name gets "(int8)" etc.
     mesh.*            device mesh (sequence > 1: sequence-sharded evaluation)
     prefill_chunk     tokens per KV-cache chunk for long windows (0 = one forward)
     loss_chunk        tokens per chunk of the cross-entropy

@@ -136,7 +136,7 @@ def load_base_params(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
         modules = quant.quantized_modules(shardings)
         float_shardings = traverse_util.unflatten_dict({
             path: s for path, s in traverse_util.flatten_dict(shardings).items()
-            if path[-1] != quant.SCALE})
+            if not quant.is_group_leaf(path)})
         params = init_variables(build_model(float_cfg), {"params": float_shardings},
                                 run_keys(seed)["base"], only=("params",))["params"]
         return jax.jit(lambda p: quant.quantize_tree(

@@ -254,13 +254,14 @@ def assemble_params(
     dtype = jnp.dtype(dtype)
     out = {}
     for path, shape in expected.items():
-        if path[-1] == quant.SCALE:
+        if quant.is_group_leaf(path):
             continue  # built with its kernel
         if (*path[:-1], quant.SCALE) in expected:
-            scale = (*path[:-1], quant.SCALE)
-            out[path], out[scale] = _quantized_leaves(
-                by_path[path], read, dtype, cfg.quantize,
-                [(shape, flat_shardings[path]), (expected[scale], flat_shardings[scale])])
+            stored = quant.leaves(shape, (None,) * len(shape), cfg.quantize, dtype)
+            built = _quantized_leaves(by_path[path], read, dtype, cfg.quantize, {
+                name: (leaf.shape, leaf.dtype, flat_shardings[(*path[:-1], name)])
+                for name, leaf in stored.items()})
+            out.update({(*path[:-1], name): array for name, array in built.items()})
             continue
         out[path] = jax.make_array_from_callback(
             shape, flat_shardings[path], _block_reader(by_path[path], shape, read, dtype)
@@ -305,18 +306,20 @@ def _flat_shardings(shardings, expected) -> dict[tuple[str, ...], jax.sharding.S
 
 
 def _quantized_leaves(names: list[TensorName], read, dtype, scheme: str,
-                      leaves: list[tuple[tuple[int, ...], jax.sharding.Sharding]]):
-    """(codes, scales) of one quantized kernel (a scanned stack: one tensor per layer).
+                      leaves: dict[str, tuple[tuple[int, ...], Any, jax.sharding.Sharding]]
+                      ) -> dict[str, jax.Array]:
+    """The stored leaves (`quant.leaves`) of one quantized kernel (a scanned stack: one tensor
+    per layer), by name.
 
-    `leaves`: [(shape, sharding)] of the codes and of the scales. Each HF tensor is read whole
-    once (an int8 scale needs every input row of its column), cast to the storage `dtype`,
-    quantized, and its parts copied into the blocks this process's devices hold; so the host
-    holds one layer's tensor in float at a time, plus the quantized blocks.
+    `leaves`: {name: (shape, dtype, sharding)} of the codes and the group parameters. Each HF
+    tensor is read whole once (an int8 scale needs every input row of its column), cast to
+    the storage `dtype`, quantized, and its parts copied into the blocks this process's
+    devices hold; so the host holds one layer's tensor in float at a time, plus the quantized
+    blocks.
     """
     stacked = names[0].layer is not None
-    blocks = []  # per leaf: {block key: (index, numpy block, [devices])}
-    for (shape, sharding), leaf_dtype in zip(leaves, (quant.code_dtype(scheme), dtype),
-                                             strict=True):
+    blocks = {}  # per leaf: (shape, {block key: (index, numpy block, [devices])})
+    for name, (shape, leaf_dtype, sharding) in leaves.items():
         unique: dict[tuple, tuple] = {}
         for device, index in sharding.addressable_devices_indices_map(shape).items():
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
@@ -324,22 +327,22 @@ def _quantized_leaves(names: list[TensorName], read, dtype, scheme: str,
             if key not in unique:
                 unique[key] = (index, np.empty(_index_shape(shape, index), leaf_dtype), [])
             unique[key][2].append(device)
-        blocks.append((shape, unique))
+        blocks[name] = (shape, unique)
     for layer, name in enumerate(names):
         block = read(name.hf, (slice(None), slice(None)))
         w_io = (block.T if name.transpose else block).astype(dtype)
-        for array, (shape, unique) in zip(quant.quantize(w_io, scheme, dtype), blocks,
-                                          strict=True):
+        quantized = quant.quantize(w_io, scheme, dtype)
+        for leaf, (shape, unique) in blocks.items():
+            array = quantized[leaf]
             for index, out, _ in unique.values():
                 if not stacked:
                     out[...] = array[index]
                 elif layer in (rows := range(shape[0])[index[0]]):
                     out[rows.index(layer)] = array[index[1:]]
-    return tuple(
-        jax.make_array_from_single_device_arrays(shape, sharding, [
-            jax.device_put(out, device) for _, out, devices in unique.values()
-            for device in devices])
-        for (shape, unique), (_, sharding) in zip(blocks, leaves, strict=True))
+    return {leaf: jax.make_array_from_single_device_arrays(shape, leaves[leaf][2], [
+                jax.device_put(out, device) for _, out, devices in unique.values()
+                for device in devices])
+            for leaf, (shape, unique) in blocks.items()}
 
 
 def _block_reader(names: list[TensorName], shape, read, dtype):

@@ -374,7 +374,7 @@ def load_model(source: str, *, rope: RopeScaling | None = None, dtype: str = "fl
     """Loads `source` (see the module docstring) on one device, weights as `dtype`.
 
     rope: a RoPE scaling to run with instead of the model's own (`modeling.config.parse_rope`;
-    None keeps it). quantize: store the base's projections quantized ("int8", "int4", "nf4";
+    None keeps it). quantize: store the base's projections quantized (`quant.SCHEMES`;
     see `LlamaConfig.quantize`) or not ("none"); "auto": a workdir's own (`load_run`), none for
     a base. ConfigError for any other value. Bases are loaded with scanned layers (one
     compiled layer: fast compiles); a preset base is a random init from `seed` with the byte

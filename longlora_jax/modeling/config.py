@@ -195,7 +195,8 @@ class LlamaConfig:
       remat_policy: "none" | "full" | "dots" | "dots_no_batch" (what the backward pass may keep).
       scan_layers: run the L decoder layers with `nn.scan` (params get a leading layer axis).
       quantize: how the frozen decoder projections are stored: "none" (as `param_dtype`),
-        "int8" (per output channel), "int4" or "nf4" (groups of 64 input rows); see
+        "int8" (per output channel), "int4", "nf4" or "hqq4" (groups of 64 input rows),
+        each 4-bit one also with double-quantized scales ("nf4+dq"); see
         `modeling.quant`. Embeddings, norms, biases, LoRA factors and the LM head stay in
         floating point.
     """

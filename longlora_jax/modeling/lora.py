@@ -50,7 +50,8 @@ class Dense(nn.Module):
 
     With `cfg.quantize` set (and `quantizable`, which only the LM head turns off) the kernel
     is stored quantized (`modeling.quant`): `kernel` holds the integer codes [in, out] and
-    `scale` their scales, and the kernel is dequantized in the compute dtype inside the
+    `scale` (hqq4: and `zero`; double-quantized: with their statistics) the per-group
+    parameters (`quant.leaves`), and the kernel is dequantized in the compute dtype inside the
     matmul. Such a Dense is filled by a loader (`io.hf.assemble_params`) or by
     `quantize_params`; initialising it gives zeros.
     """
@@ -77,12 +78,11 @@ class Dense(nn.Module):
                 jnp.dtype(cfg.param_dtype),
             ).astype(dtype)
         else:
-            codes = self.param("kernel", nn.with_logical_partitioning(
-                nn.initializers.zeros, self.axes), shape, quant.code_dtype(scheme))
-            scales = self.param("scale", nn.with_logical_partitioning(
-                nn.initializers.zeros, quant.scale_axes(self.axes, scheme)),
-                quant.scale_shape(shape, scheme), jnp.dtype(cfg.param_dtype))
-            kernel = quant.dequantize(codes, scales, scheme, dtype)
+            stored = {name: self.param(name, nn.with_logical_partitioning(
+                nn.initializers.zeros, leaf.axes), leaf.shape, leaf.dtype)
+                for name, leaf in quant.leaves(shape, self.axes, scheme,
+                                               cfg.param_dtype).items()}
+            kernel = quant.dequantize(stored, scheme, dtype)
         y = jnp.dot(x.astype(dtype), kernel)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,

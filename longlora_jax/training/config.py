@@ -67,9 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
     model.overrides     LlamaConfig architecture fields for a "preset:" base (e.g. layers).
     model.dtype         compute dtype ("bfloat16" on accelerators, "float32" on CPU).
     model.frozen_dtype  storage dtype of frozen weights; trainable leaves are always fp32.
-    model.quantize      "none" | "int8" | "int4" | "nf4": store the frozen decoder
-                        projections quantized (QLoRA; int8 per output channel, int4 and
-                        NF4 in groups of 64 input rows, quantized from frozen_dtype as
+    model.quantize      "none" | "int8" | "int4" | "nf4" | "hqq4", a 4-bit one + "+dq"
+                        (e.g. "nf4+dq": double-quantized scales): store the frozen decoder
+                        projections quantized (QLoRA; int8 per output channel, the 4-bit
+                        schemes in groups of 64 input rows, quantized from frozen_dtype as
                         they load; see `modeling.quant`); lora.mode "lora" or "lora_plus"
                         only.
     model.remat         "none" | "full" | "dots" | "dots_no_batch".
