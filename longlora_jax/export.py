@@ -3,6 +3,7 @@
 Turns a training run into a merged HF checkpoint (adapters folded in; transformers loads it),
 a PEFT LoRA adapter (LoRA+ embeddings and norms as `modules_to_save`) or a GGUF file for
 llama.cpp (`O/model.gguf`, `--config.gguf.type=f32|f16|q8_0`), see `longlora_jax.io.export`.
+`--workdir` may also name a base model for merged and gguf (`--workdir smollm2 --format gguf`).
 The keys are documented in `longlora_jax.io.export.default_config`.
 """
 

@@ -18,6 +18,7 @@ from longlora_jax import export as export_command
 from longlora_jax.cli import run_command
 from longlora_jax.data import assets
 from longlora_jax.data.tokenizer import ByteTokenizer
+from longlora_jax.inference.decode import generate
 from longlora_jax.io import export
 from longlora_jax.io.gguf import load_gguf, load_gguf_tokenizer
 from longlora_jax.io.gguf_export import write_gguf
@@ -202,3 +203,69 @@ def test_cli_writes_gguf_and_keeps_a_failed_write_from_landing(trained, tmp_path
         run_command(export_command.COMMAND, [*argv, "--overwrite"])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left
     assert np.abs(gguf_logits(out / export.GGUF_FILE) - merged).max() < 1e-4  # old file kept
+
+
+# ------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory):
+    """SmolLM2 (the Q4_1 asset, dequantized) exported by the CLI as an f32 GGUF file."""
+    out = tmp_path_factory.mktemp("smollm2") / "gguf"
+    argv = ["--workdir", "smollm2", "--out", str(out), "--format", "gguf",
+            "--config.gguf.type=f32"]
+    assert run_command(export_command.COMMAND, argv) == 0
+    return out / export.GGUF_FILE
+
+
+def chat_ids(path) -> list[int]:
+    tok = load_gguf_tokenizer(path)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
+                                     "France? Answer in one sentence."}],
+                                   tokenize=False, add_generation_prompt=True)
+    return tok(text).input_ids
+
+
+@pytest.mark.slow
+def test_smollm2_export_reloads_with_the_merged_logits(smollm2_f32, tmp_path):
+    """The f32 file holds exactly the asset's (dequantized) weights; read back, its logits are
+    those of the merged HF export of the same model as transformers computes them."""
+    _, source = load_gguf(assets.smollm2_gguf())
+    cfg, params = load_gguf(smollm2_f32)
+    flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(source)
+    for path, leaf in want.items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(leaf), str(path))
+    assert run_command(export_command.COMMAND, ["--workdir", "smollm2", "--out",
+                                                str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    ids = np.asarray([chat_ids(smollm2_f32)], np.int32)
+    with torch.no_grad():
+        theirs = merged(torch.from_numpy(ids).long()).logits.numpy()
+    ours = np.asarray(LlamaForCausalLM(cfg).apply({"params": params}, ids))
+    print(f"SmolLM2 f32 GGUF vs merged HF export: max|logit diff| "
+          f"{np.abs(ours - theirs).max():.2e}")
+    assert np.abs(ours - theirs).max() < 2.5e-4  # fp32 noise of this model (test_gguf.py)
+
+
+@pytest.mark.slow
+def test_llama_cpp_decodes_the_same_greedy_tokens(smollm2_f32):
+    """llama.cpp itself (llama-cpp-python, built from source: see the README's slow tests)
+    runs our export and picks the same greedy tokens as our KV-cache decoder."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = chat_ids(smollm2_f32)
+    cfg, params = load_gguf(smollm2_f32)
+    new = 24
+    ours = generate(cfg, params, [ids], new, eos_token_id=cfg.eos_token_id)[0, len(ids):]
+    ours = [int(t) for t in ours]
+    if cfg.eos_token_id in ours:
+        ours = ours[:ours.index(cfg.eos_token_id) + 1]
+    llm = llama_cpp.Llama(model_path=str(smollm2_f32), n_ctx=512, n_threads=2, verbose=False)
+    theirs = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                              repeat_penalty=1.0):
+        theirs.append(int(token))
+        if len(theirs) == len(ours) or token == llm.token_eos():
+            break
+    print("ours:", ours, "\nllama.cpp:", theirs)
+    assert theirs == ours and len(ours) >= 8

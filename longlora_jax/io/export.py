@@ -54,10 +54,10 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from longlora_jax.errors import ConfigError
-from longlora_jax.io.base import load_base_params, load_tokenizer
+from longlora_jax.io.base import BaseSpec, is_base_spec, load_base_params, load_tokenizer
 from longlora_jax.io.gguf_export import check_exportable, write_gguf
 from longlora_jax.io.hf import lookup_path, output_projection, save_pretrained
-from longlora_jax.io.run import load_run
+from longlora_jax.io.run import load_model, load_run
 from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.lora import (
@@ -332,12 +332,17 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format
                gguf_type: str = "f16", overwrite: bool = False) -> pathlib.Path:
     """Exports checkpoint `step` (default: newest) of a training workdir as `format`.
 
+    workdir may also name a base model (smollm2 | hf:DIR | gguf:FILE | preset:NAME, as
+    `io.run.load_model` takes) for the merged and gguf formats: e.g. SmolLM2 as GGUF.
     mode (peft only): what trained, default the run's own. dtype (merged only): storage
     dtype, default the frozen kernels'. gguf_type (gguf only): f32 | f16 | q8_0. The run's HF
     tokenizer is saved alongside (embedded in the GGUF file).
     """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}; valid: {', '.join(FORMATS)}")
+    if is_base_spec(str(workdir)):
+        return _export_base(str(workdir), out_dir, format=format, dtype=dtype,
+                            gguf_type=gguf_type, overwrite=overwrite)
     run = load_run(workdir, step=step)
     tokenizer = load_tokenizer(run.meta["tokenizer"], run.base)
     if format == "gguf":
@@ -357,3 +362,21 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format
     return export_peft(run.cfg, run.variables, out_dir, mode=mode or run.mode,
                        base_dir=base.location if base.is_hf else None,
                        base_params=base_params, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _export_base(source: str, out_dir: str | os.PathLike, *, format: str, dtype: str | None,
+                 gguf_type: str, overwrite: bool) -> pathlib.Path:
+    """A base model (and its adapter, with BASE+ADAPTER) exported as merged or gguf."""
+    if format == "peft":
+        raise ConfigError(f"{source!r} is a base model: there is no trained adapter to export "
+                          "as peft; use --format merged or gguf, or a training workdir")
+    model = load_model(source)
+    if format == "merged":
+        tokenizer = model.tokenizer if hasattr(model.tokenizer, "save_pretrained") else None
+        return export_merged(model.cfg, model.variables, out_dir, tokenizer=tokenizer,
+                             dtype=dtype, overwrite=overwrite)
+    spec = BaseSpec.parse(source.partition("+")[0])
+    return export_gguf(model.cfg, model.variables, out_dir, gguf_type=gguf_type,
+                       tokenizer=model.tokenizer,
+                       source_gguf=spec.gguf_path() if spec.kind in ("asset", "gguf") else None,
+                       name=model.name, overwrite=overwrite)
