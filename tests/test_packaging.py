@@ -42,7 +42,10 @@ def test_dependency_ranges_admit_the_pinned_versions():
         name = requirement.name.lower().replace("_", "-")
         if name in pins:
             assert requirement.specifier.contains(pins[name], prereleases=True), (spec, pins[name])
-    assert set(project["optional-dependencies"]) == {"tpu", "gpu", "test"}
+    assert set(project["optional-dependencies"]) == {"tpu", "gpu", "eval", "test"}
+    for spec in project["optional-dependencies"]["eval"]:  # the eval extra is tested too
+        requirement = Requirement(spec)
+        assert requirement.specifier.contains(pins[requirement.name.lower()], prereleases=True)
 
 
 def test_installed_package_imports_and_runs(tmp_path):

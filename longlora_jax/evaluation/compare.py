@@ -4,8 +4,9 @@ Each model (a training workdir, or a base: smollm2 | hf:DIR | gguf:FILE | preset
 evaluated with each RoPE variant of `rope.scaling` (`base` = as loaded or trained; `default` = plain
 RoPE; `linear:F`, `dynamic:F`, `yarn:F`) on the held-out documents of `data` (the same data
 section as training's; offline sources use their held-out documents) at every length:
-perplexity with full attention (`evaluation.perplexity`) and, with `passkey > 0`, passkey
-retrieval (`evaluation.passkey`). Every length must fit the model's (scaled) context window
+perplexity with full attention (`evaluation.perplexity`), with `passkey > 0` passkey
+retrieval (`evaluation.passkey`) and with `tasks` RULER's synthetic tasks over the offline
+essays (`evaluation.ruler`). Every length must fit the model's (scaled) context window
 unless `allow_beyond_context`, which is how an unextended model's degradation is shown.
 `out` receives results.json, results.md and the plots (`evaluation.report`).
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import ml_collections
 
 from longlora_jax.cli.renames import Renamed
+from longlora_jax.data import assets
 from longlora_jax.data.config import EVAL_SOURCES, check_data_config, default_data_config
 from longlora_jax.data.eval_data import PROTOCOLS, eval_documents
 from longlora_jax.errors import ConfigError
@@ -31,6 +33,8 @@ from longlora_jax.evaluation.perplexity import (
     perplexity,
 )
 from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
+from longlora_jax.evaluation.ruler import expand_tasks, ruler_scores
+from longlora_jax.evaluation.ruler_tasks import Corpus
 from longlora_jax.io.base import shard_variables
 from longlora_jax.io.run import QUANTIZE, LoadedModel, load_model
 from longlora_jax.modeling.config import LlamaConfig, RopeScaling, parse_rope, rope_name
@@ -67,6 +71,12 @@ def default_config() -> ml_collections.ConfigDict:
     perplexity        measure perplexity (false: passkey only)
     passkey           passkey-retrieval trials per length (0 = none; full attention only)
     passkey_bos       start passkey prompts with BOS (the official prompt has it)
+    tasks             RULER synthetic tasks (niah_single_1..3, niah_multikey_1..3,
+                      niah_multivalue, niah_multiquery, vt, cwe, fwe; `ruler` = all), a tuple,
+                      e.g. --tasks niah_single_1,vt (full attention only)
+    ruler.samples     prompts per task and length
+    ruler.template    prompt template (`inference.prompts`): auto = the chat template if the
+                      tokenizer has one
     allow_beyond_context  evaluate lengths beyond a model's (scaled) context window
     data.*            the documents (see `data.config.default_data_config`; held-out split)
     max_docs          first N documents (0 = all)
@@ -91,6 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.perplexity = True
     c.passkey = 0
     c.passkey_bos = True
+    c.tasks = ()
+    c.ruler = ml_collections.ConfigDict(dict(samples=4, template="auto"))
     c.allow_beyond_context = False
     c.data = default_data_config()
     c.data.source = "offline_books"
@@ -118,8 +130,10 @@ def _check(config: ml_collections.ConfigDict) -> list[int]:
                           f"{', '.join(PROTOCOLS)}")
     if not config.models:
         raise ConfigError("models is empty; name at least one (--model smollm2)")
-    if not config.perplexity and not config.passkey:
-        raise ConfigError("nothing to evaluate: perplexity is off and passkey is 0")
+    expand_tasks(config.tasks)
+    if not config.perplexity and not config.passkey and not config.tasks:
+        raise ConfigError("nothing to evaluate: perplexity is off, passkey is 0 and tasks is "
+                          "empty")
     if config.data.source not in EVAL_SOURCES:
         raise ConfigError(f"data.source={config.data.source!r}; valid for evaluation: "
                           f"{', '.join(EVAL_SOURCES)}")
@@ -177,6 +191,8 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
                              attention))
     all_docs = eval_documents(config.data, base.tokenizer, max_docs=config.max_docs) \
         if config.perplexity else []
+    tasks = expand_tasks(config.tasks)
+    corpus = Corpus.from_texts([d.text for d in assets.essays()]) if tasks else None
     for cfg, name, attention in variants:
         result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
                              [(d.name, len(d.tokens)) for d in all_docs], attention)
@@ -203,6 +219,18 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
                                       prefill_chunk=prefill)
                 result.passkey[n] = pk
                 log(f"{name} | {n} tokens | passkey {pk['correct']}/{pk['trials']}")
+            if tasks and attention == "full":
+                start = time.perf_counter()
+                scores = ruler_scores(cfg, variables, base.tokenizer, corpus, length=n,
+                                      tasks=tasks, samples=config.ruler.samples,
+                                      seed=config.seed, batch=config.eval.batch,
+                                      template=config.ruler.template,
+                                      prefill_chunk=0 if mesh.shape[SEQUENCE] > 1
+                                      else config.prefill_chunk)
+                scores["seconds"] = time.perf_counter() - start
+                result.ruler[n] = scores
+                log(f"{name} | {n} tokens | RULER average {scores['average']:.1f} "
+                    f"({scores['seconds']:.0f}s)")
         results.append(result)
     return results
 

@@ -1,8 +1,9 @@
 """An evaluation's results: one row per (model, RoPE variant), written as JSON, markdown, PNG.
 
-    OUT/results.json        settings + every model's perplexity/passkey by length
-    OUT/results.md          a perplexity and a passkey table, lengths as columns
-    OUT/ppl_vs_length.png, OUT/passkey_vs_length.png
+    OUT/results.json        settings + every model's perplexity/passkey/RULER by length
+    OUT/results.md          a perplexity and a passkey table, lengths as columns, and a RULER
+                            table per length (tasks as columns, their average last)
+    OUT/ppl_vs_length.png, OUT/passkey_vs_length.png, OUT/ruler_vs_length.png
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from longlora_jax.evaluation import plots
 
 @dataclasses.dataclass
 class ModelResult:
-    """One evaluated (model, RoPE variant, attention): its perplexity and passkey results by
-    length, and the evaluation documents as [name, tokens]."""
+    """One evaluated (model, RoPE variant, attention): its perplexity, passkey and RULER
+    (`evaluation.ruler.ruler_scores`) results by length, and the evaluation documents as
+    [name, tokens]."""
 
     name: str
     source: str
@@ -29,6 +31,7 @@ class ModelResult:
     attention: str = "full"
     perplexity: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     passkey: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    ruler: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _fmt(value: float) -> str:
@@ -65,7 +68,28 @@ def markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: d
     if any(r.passkey for r in results):
         sections.append([f"## Passkey retrieval ({settings['passkey']} trials per length)", "",
                          *head, *rows(passkey_cell)])
+    if any(r.ruler for r in results):
+        sections.append(ruler_markdown(results, lengths, settings))
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def ruler_markdown(results: Sequence[ModelResult], lengths: Sequence[int], settings: dict
+                   ) -> list[str]:
+    """One RULER table per length: a row per model, a column per task (score in percent,
+    RULER's string_match_all) and their average."""
+    lines = [f"## RULER ({settings['ruler']['samples']} samples per task and length)"]
+    for n in lengths:
+        rows = [r for r in results if n in r.ruler]
+        if not rows:
+            continue
+        tasks = list(rows[0].ruler[n]["tasks"])
+        lines += ["", f"### {n} tokens", "",
+                  "| model | rope | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---:|" * (len(tasks) + 1)]
+        lines += [f"| {r.name} | {r.rope} | "
+                  + " | ".join(f"{r.ruler[n]['tasks'][t]['score']:.1f}" for t in tasks)
+                  + f" | {r.ruler[n]['average']:.1f} |" for r in rows]
+    return lines
 
 
 def write_outputs(out: pathlib.Path, results: Sequence[ModelResult], lengths: Sequence[int],
@@ -84,3 +108,8 @@ def write_outputs(out: pathlib.Path, results: Sequence[ModelResult], lengths: Se
         plots.passkey_plot({r.name: {n: p["accuracy"] for n, p in r.passkey.items()}
                             for r in results}, out / "passkey_vs_length.png", windows=windows,
                            title="Passkey retrieval vs context length")
+    if any(r.ruler for r in results):
+        plots.line_plot({r.name: {n: p["average"] for n, p in r.ruler.items()}
+                         for r in results}, out / "ruler_vs_length.png", windows=windows,
+                        title="RULER average vs context length",
+                        ylabel="RULER average (%)", ylim=(-5, 105))

@@ -1,4 +1,4 @@
-"""Export a trained run: a merged HF checkpoint, or a PEFT LoRA adapter (+ LoRA+ weights).
+"""Export a trained run: a merged HF checkpoint, a PEFT LoRA adapter (+ LoRA+ weights), GGUF.
 
 `export_run(workdir, out, format=...)` is what `python -m longlora_jax.export` calls:
 
@@ -12,6 +12,10 @@
   embeddings and norms travel as PEFT `modules_to_save` (full copies that replace the base's);
   with tied embeddings the embedding/LM-head matrix is saved under both names and the config
   sets `ensure_weight_tying`, so PEFT keeps them one matrix.
+
+- gguf: `O/model.gguf` for llama.cpp (and transformers' GGUF loader): the merged model as
+  f32, f16 or q8_0 (`gguf.type`), training rope scaling and tokenizer included (a GGUF base's
+  tokenizer keys are copied from its file); see `io.gguf_export` for what is written.
 
 The adapter's `base_model_name_or_path` is the base the run was trained on *with the training
 rope scaling*: the HF base directory itself when its config.json already has that scaling;
@@ -50,9 +54,10 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from longlora_jax.errors import ConfigError
-from longlora_jax.io.base import load_base_params, load_tokenizer
+from longlora_jax.io.base import BaseSpec, is_base_spec, load_base_params, load_tokenizer
+from longlora_jax.io.gguf_export import check_exportable, write_gguf
 from longlora_jax.io.hf import lookup_path, output_projection, save_pretrained
-from longlora_jax.io.run import load_run
+from longlora_jax.io.run import load_model, load_run
 from longlora_jax.modeling import quant
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.lora import (
@@ -63,7 +68,8 @@ from longlora_jax.modeling.lora import (
     trainable_labels,
 )
 
-FORMATS = ("merged", "peft")
+FORMATS = ("merged", "peft", "gguf")
+GGUF_FILE = "model.gguf"
 PEFT_MODES = ("lora", "lora_plus")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -96,15 +102,47 @@ def export_merged(
     exported as is). tokenizer: an HF tokenizer to save alongside (`save_pretrained`).
     dtype: storage dtype (default: that of the frozen kernels, e.g. bf16).
     """
-    if variables.get(LORA_COLLECTION):
-        cfg, params = merge_lora(cfg, variables)
-    else:
-        cfg, params = cfg.replace(lora_rank=0), nn.unbox(variables["params"])
+    cfg, params = merged_params(cfg, variables)
     with _atomic_dir(out_dir, overwrite) as tmp:
         save_pretrained(cfg, params, tmp, dtype=dtype or _kernel_dtype(params))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return pathlib.Path(out_dir)
+
+
+def merged_params(cfg: LlamaConfig, variables: Mapping[str, Any]) -> tuple[LlamaConfig, Any]:
+    """(config without LoRA, params with every adapter folded in)."""
+    if variables.get(LORA_COLLECTION):
+        return merge_lora(cfg, variables)
+    return cfg.replace(lora_rank=0), nn.unbox(variables["params"])
+
+
+# ------------------------------------------------------------------------------ GGUF
+
+
+def export_gguf(
+    cfg: LlamaConfig,
+    variables: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    gguf_type: str = "f16",
+    tokenizer: Any = None,
+    source_gguf: str | os.PathLike | None = None,
+    name: str = "",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes `out_dir/model.gguf`, the merged model as `gguf_type` (see `io.gguf_export`).
+
+    tokenizer: the run's tokenizer (HF or bytes); source_gguf: the GGUF file of the base,
+    whose tokenizer keys are copied instead. ConfigError, before anything is written, for a
+    family, type or rope scaling GGUF cannot carry. Returns the file's path.
+    """
+    check_exportable(cfg, gguf_type)
+    cfg, params = merged_params(cfg, variables)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        write_gguf(cfg, params, tmp / GGUF_FILE, gguf_type=gguf_type, tokenizer=tokenizer,
+                   source_gguf=source_gguf, name=name)
+    return pathlib.Path(out_dir) / GGUF_FILE
 
 
 # ------------------------------------------------------------------------------ PEFT
@@ -281,25 +319,37 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[pathlib
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The export command's settings: workdir, out, format ("merged" | "peft"), step (-1 =
-    newest), mode (peft: what trained, "" = the run's own), dtype (merged: storage dtype, "" =
-    the frozen kernels'), overwrite (replace a non-empty out)."""
+    """The export command's settings: workdir, out, format ("merged" | "peft" | "gguf"), step
+    (-1 = newest), mode (peft: what trained, "" = the run's own), dtype (merged: storage
+    dtype, "" = the frozen kernels'), gguf.type (gguf: f32 | f16 | q8_0), overwrite (replace
+    a non-empty out)."""
     return ml_collections.ConfigDict(dict(workdir="", out="", format="merged", step=-1, mode="",
-                                          dtype="", overwrite=False))
+                                          dtype="", gguf=dict(type="f16"), overwrite=False))
 
 
 def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format: str,
                step: int | None = None, mode: str | None = None, dtype: str | None = None,
-               overwrite: bool = False) -> pathlib.Path:
+               gguf_type: str = "f16", overwrite: bool = False) -> pathlib.Path:
     """Exports checkpoint `step` (default: newest) of a training workdir as `format`.
 
+    workdir may also name a base model (smollm2 | hf:DIR | gguf:FILE | preset:NAME, as
+    `io.run.load_model` takes) for the merged and gguf formats: e.g. SmolLM2 as GGUF.
     mode (peft only): what trained, default the run's own. dtype (merged only): storage
-    dtype, default the frozen kernels'. The run's HF tokenizer is saved alongside.
+    dtype, default the frozen kernels'. gguf_type (gguf only): f32 | f16 | q8_0. The run's HF
+    tokenizer is saved alongside (embedded in the GGUF file).
     """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}; valid: {', '.join(FORMATS)}")
+    if is_base_spec(str(workdir)):
+        return _export_base(str(workdir), out_dir, format=format, dtype=dtype,
+                            gguf_type=gguf_type, overwrite=overwrite)
     run = load_run(workdir, step=step)
     tokenizer = load_tokenizer(run.meta["tokenizer"], run.base)
+    if format == "gguf":
+        own = run.base.kind in ("asset", "gguf") and run.meta["tokenizer"] == "auto"
+        return export_gguf(run.cfg, run.variables, out_dir, gguf_type=gguf_type,
+                           tokenizer=tokenizer, source_gguf=run.base.gguf_path() if own else None,
+                           name=pathlib.Path(workdir).name, overwrite=overwrite)
     tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None  # HF ones only
     if format == "merged":
         return export_merged(run.cfg, run.variables, out_dir, tokenizer=tokenizer, dtype=dtype,
@@ -312,3 +362,21 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, format
     return export_peft(run.cfg, run.variables, out_dir, mode=mode or run.mode,
                        base_dir=base.location if base.is_hf else None,
                        base_params=base_params, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _export_base(source: str, out_dir: str | os.PathLike, *, format: str, dtype: str | None,
+                 gguf_type: str, overwrite: bool) -> pathlib.Path:
+    """A base model (and its adapter, with BASE+ADAPTER) exported as merged or gguf."""
+    if format == "peft":
+        raise ConfigError(f"{source!r} is a base model: there is no trained adapter to export "
+                          "as peft; use --format merged or gguf, or a training workdir")
+    model = load_model(source)
+    if format == "merged":
+        tokenizer = model.tokenizer if hasattr(model.tokenizer, "save_pretrained") else None
+        return export_merged(model.cfg, model.variables, out_dir, tokenizer=tokenizer,
+                             dtype=dtype, overwrite=overwrite)
+    spec = BaseSpec.parse(source.partition("+")[0])
+    return export_gguf(model.cfg, model.variables, out_dir, gguf_type=gguf_type,
+                       tokenizer=model.tokenizer,
+                       source_gguf=spec.gguf_path() if spec.kind in ("asset", "gguf") else None,
+                       name=model.name, overwrite=overwrite)

@@ -1,11 +1,13 @@
-"""GGUF (llama.cpp) LLaMA files -> (LlamaConfig, params), and their tokenizer.
+"""GGUF (llama.cpp) LLaMA and Qwen2 files -> (LlamaConfig, params), and their tokenizer.
 
 The `gguf` package reads the file and dequantizes each tensor (Q4_1, Q8_0, ... -> fp32) when
 it is needed; `gguf`'s own name map turns HF names into GGUF ones, and the HF name table of
 `longlora_jax.io.hf` places them in the params pytree, so there is no second table here.
 
 llama.cpp's converter permutes the rows of q_proj / k_proj from HF's rotate-half RoPE layout
-(per head: first half, second half) to interleaved pairs; `_unpermute_rows` restores HF's.
+(per head: first half, second half) to interleaved pairs; `_unpermute_rows` restores HF's
+(`permute_rows` is the converter's direction, for `io.gguf_export`). Qwen2 files keep HF's
+order (llama.cpp runs them with rotate-half RoPE).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from longlora_jax.errors import CheckpointError, ConfigError
 from longlora_jax.io.hf import assemble_params, tensor_names
 from longlora_jax.modeling.config import LlamaConfig
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -60,7 +62,7 @@ def _hf_config(reader: gguf.GGUFReader, has_output: bool) -> dict[str, Any]:
         raise ConfigError(f"GGUF rope scaling type {scaling!r} is not supported; valid: "
                           "none, linear, yarn")
     return {
-        "model_type": "llama",
+        "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": key("embedding_length"),
         "intermediate_size": key("feed_forward_length"),
@@ -76,6 +78,16 @@ def _hf_config(reader: gguf.GGUFReader, has_output: bool) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
+
+
+def permute_rows(w_oi: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k permutation: per head, rows (half, half) -> interleaved pairs.
+
+    w_oi [heads * D, in] (or a bias [heads * D]) in HF's rotate-half order.
+    """
+    rows = w_oi.shape[0]
+    return (w_oi.reshape(heads, 2, rows // heads // 2, *w_oi.shape[1:])
+            .swapaxes(1, 2).reshape(w_oi.shape))
 
 
 def _unpermute_rows(w_oi: np.ndarray, heads: int) -> np.ndarray:
@@ -144,21 +156,25 @@ def load_gguf(
     shardings: Any = None,
     config_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[LlamaConfig, dict]:
-    """A LLaMA GGUF file -> (config, params), dequantized to `dtype` (default float32).
+    """A LLaMA or Qwen2 GGUF file -> (config, params), dequantized to `dtype` (default float32).
 
     shardings: as for `longlora_jax.io.hf.load_pretrained`.
     config_overrides: LlamaConfig fields to set (scan_layers, dtype, LoRA, ...).
-    Raises `ConfigError` for a non-LLaMA file, `CheckpointError` for missing/unknown tensors.
+    Raises `ConfigError` for another architecture, `CheckpointError` for missing/unknown tensors.
     """
     path, reader, tensors = _open(path)
     cfg = _config(reader, tensors, dtype, config_overrides)
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    to_gguf = {n.hf: name_map.get_name(n.hf, try_suffixes=(".weight",)) for n in tensor_names(cfg)}
+    llama = cfg.model_type == "llama"
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[cfg.model_type.upper()],
+                                        cfg.num_hidden_layers)
+    to_gguf = {n.hf: name_map.get_name(n.hf, try_suffixes=(".weight", ".bias"))
+               for n in tensor_names(cfg)}
     unknown = sorted(set(tensors) - set(to_gguf.values()))
     if unknown:
-        raise CheckpointError(f"{path.name}: tensors {unknown[:4]} are not part of a plain LLaMA "
-                              "decoder (e.g. rope_freqs: llama3 rope scaling is not supported)")
+        raise CheckpointError(f"{path.name}: tensors {unknown[:4]} are not part of a plain "
+                              f"{cfg.model_type} decoder (e.g. rope_freqs: llama3 rope "
+                              "scaling is not supported)")
     shapes = {hf: tuple(reversed(tensors[g].shape.tolist()))
               for hf, g in to_gguf.items() if g in tensors}
     heads = {"self_attn.q_proj.weight": cfg.num_attention_heads,
@@ -169,7 +185,7 @@ def load_gguf(
         tensor = tensors[to_gguf[name]]
         array = dequantize(tensor.data, tensor.tensor_type).reshape(shapes[name])
         for suffix, n_heads in heads.items():
-            if name.endswith(suffix):
+            if llama and name.endswith(suffix):
                 array = _unpermute_rows(array, n_heads)
         return array
 

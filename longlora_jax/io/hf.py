@@ -466,7 +466,7 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _hf_tensors(cfg: LlamaConfig, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(cfg: LlamaConfig, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, HF-layout numpy tensor) for every weight, one parameter gathered at a time."""
     if "params" in params and _table(cfg).embed[0][0] not in params:
         raise CheckpointError("pass the params tree itself, not {'params': ...} variables")
@@ -525,7 +525,7 @@ def save_pretrained(
 
     try:
         saved_dtype, shard_bytes = None, 0
-        for name, array in _hf_tensors(cfg, params, dtype):
+        for name, array in hf_tensors(cfg, params, dtype):
             saved_dtype = array.dtype if saved_dtype is None else saved_dtype
             if shard and shard_bytes + array.nbytes > max_shard_bytes:
                 flush()
