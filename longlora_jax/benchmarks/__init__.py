@@ -1,4 +1,6 @@
 """Benchmarks, measured side by side in one process: attention kernels (`attention`), the
 train step against transformers + PEFT (`train_step`), the memory of a quantized base
-(`quant`) and the longest trainable context (`longest`); shared timing in `common`.
+(`quant`) and its perplexity against bitsandbytes and hqq (`quant_quality`), the official
+S2 in PyTorch as a peer (`torch_peers`) and the longest trainable context (`longest`);
+shared timing in `common`.
 """

@@ -37,11 +37,12 @@ def default_config() -> ml_collections.ConfigDict:
     quant_quality`), model (a base: smollm2 | hf:DIR | gguf:FILE | preset:NAME), dtype (memory:
     of the unquantized weights and the scales; quality evaluates in fp32), schemes (the first
     is the reference of the ratios), json; quality only: peers (bitsandbytes_nf4,
-    bitsandbytes_nf4_dq, hqq), length (tokens per window), max_windows, data (an offline
-    evaluation source)."""
+    bitsandbytes_nf4_dq, hqq), length (tokens per window), eval.max_windows, data.source (an
+    offline evaluation source)."""
     return ml_collections.ConfigDict(dict(
         measure="memory", model="smollm2", dtype="bfloat16", schemes=quant.SCHEMES, json="",
-        peers=quant_quality.PEERS, length=2048, max_windows=8, data="offline_all"))
+        peers=quant_quality.PEERS, length=2048, data=dict(source="offline_all"),
+        eval=dict(max_windows=8)))
 
 
 _CHILD = textwrap.dedent("""

@@ -105,7 +105,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         raise ConfigError(f"peers {sorted(unknown)}; valid: {', '.join(PEERS)}")
     base = load_model(config.model, dtype="float32")
     data = default_data_config()
-    data.source = config.data
+    data.source = config.data.source
     docs = documents_for(eval_documents(data, base.tokenizer), config.length, "nonoverlap", 256)
     mesh = single_device_mesh()
 
@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=1024,
                                prefill_chunk=config.length)
         result = perplexity(eval_fn, shard_variables(cfg, variables, mesh), docs,
-                            seq_len=config.length, max_windows=config.max_windows)
+                            seq_len=config.length, max_windows=config.eval.max_windows)
         rows.append({"quantize": name, "ppl": result["ppl"], "windows": result["windows"],
                      "tokens": result["tokens"], "bits / param": bits,
                      "seconds": time.perf_counter() - start})
@@ -133,14 +133,14 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     reference = rows[0]["ppl"]
     for row in rows:
         row["vs float"] = row["ppl"] / reference
-    meta = {"command": "quant --measure quality", "model": config.model, "data": config.data,
-            "length": config.length, "max_windows": config.max_windows,
+    meta = {"command": "quant --measure quality", "model": config.model, "data": config.data.source,
+            "length": config.length, "max_windows": config.eval.max_windows,
             "reference": config.schemes[0]}
     report(rows, COLUMNS, config.json, meta)
     if config.json:
         pathlib.Path(config.json).with_suffix(".md").write_text(
             f"{config.model}: perplexity at {config.length} tokens, the first "
-            f"{rows[0]['windows']} non-overlapping windows of {config.data}'s held-out "
+            f"{rows[0]['windows']} non-overlapping windows of {config.data.source}'s held-out "
             f"documents, full attention; vs float: against the `{config.schemes[0]}` row.\n\n"
             f"{markdown_table(rows, COLUMNS)}\n")
     return rows

@@ -1,3 +1,5 @@
 """Evaluation: perplexity with full attention (`perplexity`), passkey retrieval (`passkey`),
 long-range task rows scored by distance (`long_range`), models side by side at several
-lengths (`compare`), results and plots (`report`, `plots`)."""
+lengths (`compare`), results and plots (`report`, `plots`), RULER's synthetic tasks
+(`ruler_tasks` builds them, `ruler` runs and scores them) and an lm-evaluation-harness model
+(`lm_harness`)."""
