@@ -399,15 +399,14 @@ def test_load_run_verifies_and_no_trusted_checkpoint_is_one_error_line(tmp_path,
 
 
 # Reads a workdir as `evaluate --model` (load_model) and `export --workdir` (export_run) do,
-# alternately, while the file argv[2] exists; one line per read: "ok" or the error.
+# alternately, argv[2] times; one line per read: "ok" or the error.
 READER = """
-import pathlib, sys
+import sys
 from longlora_jax.errors import UserError
 from longlora_jax.io.export import export_run
 from longlora_jax.io.run import load_model
-workdir, flag = sys.argv[1], pathlib.Path(sys.argv[2])
-n = 0
-while flag.exists():
+workdir, reads = sys.argv[1], int(sys.argv[2])
+for n in range(reads):
     try:
         if n % 2:
             export_run(workdir, f"{workdir}-export", format="merged", overwrite=True)
@@ -416,40 +415,40 @@ while flag.exists():
         print("ok", flush=True)
     except UserError as err:
         print(f"error: {err}", flush=True)
-    n += 1
 """
 
 
 @pytest.mark.integration
 def test_readers_beside_a_writer_always_read_a_finished_checkpoint(tmp_path):
-    """`evaluate --model` and `export --workdir` (their library calls) in a loop, in another
-    process, while `train` saves asynchronously every step and keeps 2: every read succeeds
-    and says nothing on stderr; checkpoints beyond keep leave through checkpoints/deleting."""
-    workdir, flag = tmp_path / "run", tmp_path / "reading"
+    """`evaluate --model` and `export --workdir` (their library calls) read 6 times in another
+    process while `train` saves asynchronously every step and keeps 2 (and is then stopped by
+    SIGTERM): every read succeeds and says nothing on stderr; checkpoints beyond keep leave
+    through checkpoints/deleting, so only the newest two remain."""
+    workdir = tmp_path / "run"
     cmd, env = train_cli(workdir, tmp_path / "xla_cache")
     proc = subprocess.Popen(
         [*cmd, "--config.checkpoint.async_save=True", "--config.checkpoint.every=1",
-         "--config.checkpoint.keep=2", "--config.max_steps=40"],
+         "--config.checkpoint.keep=2", "--config.max_steps=100000"],
         env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    flag.touch()
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(workdir), str(flag)], env=env,
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
     try:
+        deadline = time.time() + 120
+        while not _finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        reader = subprocess.run([sys.executable, "-c", READER, str(workdir), "6"], env=env,
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        still_training = proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err
     finally:
-        flag.unlink()
         proc.kill()
-        reads, reader_err = reader.communicate(timeout=120)
-    reads = reads.splitlines()
-    assert len(reads) >= 6 and set(reads) == {"ok"}, (reads, reader_err[-3000:])
-    assert "warning:" not in reader_err and "Traceback" not in reader_err, reader_err[-3000:]
-    assert _finished_steps(workdir) == [39, 40]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["39", "40"]
+    assert still_training and proc.returncode == 0, err[-3000:]
+    assert reader.stdout.splitlines() == ["ok"] * 6, reader.stderr[-3000:]
+    assert "warning:" not in reader.stderr and "Traceback" not in reader.stderr, reader.stderr
+    last = _finished_steps(workdir)[-1]
+    assert last > 6 and _finished_steps(workdir) == [last - 1, last]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(last - 1),
+                                                                           str(last)]
 
 
 @pytest.mark.integration

@@ -153,10 +153,10 @@ def small_fs(tmp_path):
 
 def _fill_bytes(folder, leave: int) -> None:
     """Fills the file system of `folder` up to `leave` bytes (FOLDER/filler)."""
-    with open(folder / "filler", "ab") as f, contextlib.suppress(OSError):
+    # Unbuffered: a buffered file would retry its leftover bytes on close, outside suppress.
+    with open(folder / "filler", "ab", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     os.truncate(folder / "filler", max(0, os.path.getsize(folder / "filler") - leave))
 
 
