@@ -91,14 +91,20 @@ def parse_topology(name: str) -> TpuSlice:
         raise ConfigError(f"unknown TPU topology {name!r}; valid: {valid}")
     if grid_match:
         grid = tuple(int(g) for g in grid_match.groups()[1:])
-        if min(grid) < 1:
-            raise ConfigError(f"unknown TPU topology {name!r}; valid: {valid}")
+        if min(grid) < 1 or any(g % b for g, b in zip(grid, _host_bounds(grid), strict=True)):
+            raise ConfigError(f"unknown TPU topology {name!r}; valid: {valid} (a grid of "
+                              "whole hosts of 2x2x1 chips, or one smaller than a host)")
         return TpuSlice(name, generation, grid)
     cores = int(type_match.group(2))
     chips, rest = divmod(cores, GENERATIONS[generation].cores_per_chip)
     if rest or chips not in _GRIDS:
         raise ConfigError(f"unknown TPU topology {name!r}; valid: {valid}")
     return TpuSlice(name, generation, _GRIDS[chips])
+
+
+def _host_bounds(grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Chips per host along each axis: 2x2x1, or the whole grid where it is smaller."""
+    return tuple(min(g, b) for g, b in zip(grid, (2, 2, 1), strict=True))
 
 
 def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
@@ -114,6 +120,6 @@ def topology_devices(tpu: TpuSlice) -> list[jax.Device]:
     wrap = tuple(g % 4 == 0 and min(tpu.grid) >= 4 for g in tpu.grid)
     desc = topologies.get_topology_desc(
         platform="tpu", topology_name=tpu.topology_name, chip_config_name="megacore",
-        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap,
+        chips_per_host_bounds=_host_bounds(tpu.grid), num_slices=1, wrap=wrap,
     )
     return list(desc.devices)
