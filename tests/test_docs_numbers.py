@@ -138,23 +138,53 @@ def qlora_speed_table():
     return table(["frozen projections", "s/step", "vs bf16"], rows)
 
 
-TRAIN = ("docs/bench/train_30_layers.json", "docs/bench/train_30_layers_16k.json")
+TRAIN = ("docs/bench/train_like_for_like.json", "docs/bench/train_like_for_like_16k.json")
 
 
 def train_rows():
     return [r for path in TRAIN for r in load(path)["rows"]]
 
 
+def _seconds(row, key):
+    return f"{row[key]:.1f}" if key in row else "-"
+
+
+def _ratio(row, key):
+    return f"{row[key]:.2f}×" if key in row else "-"
+
+
 def train_table():
-    rows = [[r["N"], r["layers"], r["remat"], f"{r['longlora_jax s/step']:.1f}",
-             f"{r['hf_peft s/step']:.1f}", f"{r['longlora_jax tokens/s']:.1f}",
-             f"{r['hf_peft tokens/s']:.1f}", f"{r['speedup']:.2f}×",
-             f"{r['model GFLOP/step']:.0f}", f"{r['GFLOP/s']:.0f}",
-             f"{r['XLA matmul GFLOP/s']:.0f}", f"{r['efficiency']:.0%}"] for r in train_rows()]
-    return table(["N", "layers", "remat", "S2-Attn (ours) s/step",
-                  "full attention (transformers+PEFT) s/step", "ours tok/s", "peer tok/s",
-                  "ratio", "model GFLOP/step", "GFLOP/s", "XLA matmul GFLOP/s", "efficiency"],
-                 rows)
+    rows = [[r["N"], *(_seconds(r, f"{s} s/step") for s in ("longlora_jax", "hf_peft_s2",
+                                                             "longlora_jax_full",
+                                                             "hf_peft_full")),
+             *(_ratio(r, k) for k in ("S2: ours vs official", "full: ours vs HF",
+                                      "S2 vs full (ours)", "S2 vs full (HF)")),
+             f"{r['model GFLOP/step']:.0f}", f"{r['executed GFLOP/step']:.0f}",
+             f"{r['XLA matmul GFLOP/s']:.0f}", f"{r['MFU']:.0%}", f"{r['HFU']:.0%}"]
+            for r in train_rows()]
+    return table(["N", "S2 ours s/step", "S2 official (HF+PEFT) s/step", "full ours s/step",
+                  "full HF+PEFT (SDPA) s/step", "S2: ours vs official", "full: ours vs HF",
+                  "S2 vs full (ours)", "S2 vs full (HF)", "model GFLOP/step",
+                  "executed GFLOP/step", "XLA matmul GFLOP/s", "MFU", "HFU"], rows)
+
+
+def attention_table():
+    rows = [[r["N"], r["heads"], r["G"], *(f"{r[k]:.3f}" for k in ("s2 s", "torch_s2 s",
+                                                                   "full s", "torch s")),
+             *(f"{r[k]:.2f}×" for k in ("S2: ours vs torch", "full: ours vs torch",
+                                        "S2 vs full (ours)", "S2 vs full (torch)")),
+             f"{r['FLOPs S2/full']:.2f}", f"{r['temp S2/full']:.2f}"]
+            for r in load("docs/bench/attention.json")["rows"]]
+    return table(["N", "heads", "G", "S2 ours s", "S2 official (torch) s", "full ours s",
+                  "full torch SDPA s", "S2: ours vs torch", "full: ours vs torch",
+                  "S2 vs full (ours)", "S2 vs full (torch)", "FLOPs S2/full",
+                  "temp memory S2/full"], rows)
+
+
+def matmul_table():
+    rows = [[r["product"], r["shape"], f"{r['XLA GFLOP/s']:.0f}", f"{r['torch GFLOP/s']:.0f}",
+             f"{r['XLA vs torch']:.2f}×"] for r in load("docs/bench/matmul.json")["rows"]]
+    return table(["product", "shape", "XLA GFLOP/s", "torch GFLOP/s", "XLA vs torch"], rows)
 
 
 LONGEST = ("docs/bench/longest_longlora_jax.json", "docs/bench/longest_hf_peft.json")
@@ -172,7 +202,8 @@ def longest_table():
     return table(["system", "N", "outcome", "peak GiB", "minutes", "budget GiB"], rows)
 
 
-AOT = ("docs/qlora/aot/llama2_70b_32k_qlora.json", "docs/qlora/aot/llama2_13b_65k_int4.json")
+AOT = ("docs/qlora/aot/llama2_70b_32k_qlora.json", "docs/qlora/aot/llama2_13b_65k_int4.json",
+       "docs/qlora/aot/llama2_7b_100k_one_chip.json")
 
 
 def aot_table():
@@ -214,7 +245,7 @@ TABLES = {
     "docs/miniature_bytes.md": [miniature_table,
                           lambda: eval_table("docs/miniature_bytes/check_4x_steps_eval_attention/"
                                              "results.json")],
-    "docs/speed.md": [train_table, longest_table],
+    "docs/speed.md": [train_table, matmul_table, attention_table, longest_table],
     "docs/qlora.md": [quant_table, quality_table, group_size_table, memory_table,
                       qlora_speed_table],
     "docs/fit.md": [aot_table],
@@ -342,12 +373,18 @@ LONG_VERDICTS = [  # (steps, claim, verdict the page states)
 
 # (text the README must contain in its headline table, the value it is formatted from)
 README_CELLS = [
-    (f"{_train(2048, 'speedup'):.2f}×", "docs/bench/train_30_layers.json N=2048 speedup"),
-    (f"{_train(8192, 'speedup'):.2f}×", "docs/bench/train_30_layers.json N=8192 speedup"),
-    (f"{_train(16384, 'speedup'):.2f}×", "docs/bench/train_30_layers_16k.json speedup"),
-    (f"{_train(8192, 'longlora_jax s/step'):.1f} s", "N=8192 longlora_jax s/step"),
-    (f"{_train(8192, 'hf_peft s/step'):.0f} s", "N=8192 hf_peft s/step"),
-    (f"{_train(8192, 'efficiency'):.0%}", "N=8192 efficiency"),
+    (f"{_train(2048, 'S2: ours vs official'):.2f}×", "N=2048 S2: ours vs official"),
+    (f"{_train(8192, 'S2: ours vs official'):.2f}×", "N=8192 S2: ours vs official"),
+    (f"{_train(16384, 'S2: ours vs official'):.2f}×", "N=16384 S2: ours vs official"),
+    (f"{_train(8192, 'longlora_jax s/step'):.1f} s", "N=8192 ours s/step"),
+    (f"{_train(8192, 'hf_peft_s2 s/step'):.1f} s", "N=8192 official S2 s/step"),
+    (f"{_train(8192, 'full: ours vs HF'):.2f}×", "N=8192 full: ours vs HF"),
+    (f"{_train(8192, 'S2 vs full (ours)'):.2f}×", "N=8192 S2 vs full (ours)"),
+    (f"{_train(8192, 'S2 vs full (HF)'):.2f}×", "N=8192 S2 vs full (HF)"),
+    (f"MFU {_train(8192, 'MFU'):.0%}", "N=8192 MFU"),
+    (f"HFU {_train(8192, 'HFU'):.0%}", "N=8192 HFU"),
+    (f"{get('docs/bench/matmul.json', 'rows', -1, 'XLA vs torch'):.2f}×",
+     "XLA vs torch fp32 matmul rate on the step's products"),
     (f"{get(LONGEST[0], 'rows', 0, 'longest N')}", "ours: longest N"),
     (f"{get(LONGEST[0], 'rows', 0, 'peak GiB at it'):.1f} GiB", "ours: peak GiB at it"),
     (f"{get(LONGEST[1], 'rows', 0, 'first N that failed')}", "peer: first N that failed"),
