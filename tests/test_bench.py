@@ -5,7 +5,7 @@ import json
 import pytest
 
 from longlora_jax.bench import SUBCOMMANDS
-from longlora_jax.benchmarks import attention, longest, quant, train_step
+from longlora_jax.benchmarks import attention, longest, matmul, quant, train_step
 from longlora_jax.cli import parse
 from longlora_jax.errors import ConfigError
 
@@ -53,6 +53,23 @@ def test_train_bench_runs_ours_and_both_peers_side_by_side(tmp_path, capsys):
 def test_train_bench_refuses_an_unknown_peer():
     with pytest.raises(ConfigError, match="peers=\\('flash',\\); valid: one or more of s2, full"):
         train_step.run(parse(SUBCOMMANDS["train"], ["--peers", "flash"]))
+
+
+def test_matmul_bench_times_every_product_of_the_step_on_both_sides(tmp_path):
+    out = tmp_path / "bench.json"
+    matmul.run(parse(SUBCOMMANDS["matmul"], [
+        "--tokens", "64", "--loss-chunk", "32", "--repeats", "1", "--warmup", "0",
+        "--json", str(out)]))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * len(matmul.PROJECTIONS) + 1
+    assert rows[0]["shape"] == "[64,576]x[576,576]" and rows[-1]["product"] == "all of the above"
+    for row in rows[:-1]:
+        assert row["XLA vs torch"] == pytest.approx(row["XLA GFLOP/s"] / row["torch GFLOP/s"])
+    # The total is a time-weighted mean of the products' ratios: it lies between them.
+    ratios = [row["XLA vs torch"] for row in rows[:-1]]
+    assert min(ratios) <= rows[-1]["XLA vs torch"] <= max(ratios)
+    with pytest.raises(ConfigError, match="torch=False: bench matmul measures XLA against torch"):
+        matmul.run(parse(SUBCOMMANDS["matmul"], ["--torch=False"]))
 
 
 def test_longest_context_trials_run_in_watched_subprocesses(tmp_path):
