@@ -18,14 +18,15 @@ for arg in "$@"; do
 done
 cd "$(dirname "$0")/.."
 
-# config : TPU slice
+# config:TPU slice (the slice may hold a colon itself: v5p:1x1x1)
 RUNS=(
   llama2_7b_32k:v4-8 llama2_7b_100k:v4-8 llama2_70b_32k:v4-16 llama2_7b_8k:v4-8
   llama2_7b_16k:v4-8 llama2_13b_65k:v4-8 llama3_8b_64k:v4-8 longalpaca_sft_16k:v4-8
   mistral_7b_32k:v4-8 qwen25_7b_32k:v4-8 pythia_6_9b_16k:v4-8 llama2_70b_32k_qlora:v4-8
+  llama2_7b_100k_one_chip:v5p:1x1x1
 )
 for run in "${RUNS[@]}"; do
-  name="${run%%:*}" topology="${run##*:}"
+  name="${run%%:*}" topology="${run#*:}"
   CMD=(python -m longlora_jax.aot --config "configs/$name.py" --topology "$topology"
        --compare-full --json "$OUT/$name.json")
   printf '+'
