@@ -352,9 +352,11 @@ def test_sft_group_rule_is_the_official_one(length):
     assert attention.longlora_sft_group(length) in attention.sft_group_choices(16384)
 
 
-def test_sft_rows_attend_like_the_official_varlen_segments(monkeypatch):
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_sft_rows_attend_like_the_official_varlen_segments(monkeypatch, impl):
     """Per-row groups, rows padded to N: each row's real tokens attend exactly within the
-    official segments of its own length (small constants, the same construction)."""
+    official segments of its own length (small constants, the same construction); splash in
+    interpret mode."""
     block, sft_group, n = 8, 16, 48
     monkeypatch.setattr(attention, "SFT_BLOCK", block)
     monkeypatch.setattr(attention, "SFT_GROUP", sft_group)
@@ -366,7 +368,7 @@ def test_sft_rows_attend_like_the_official_varlen_segments(monkeypatch):
     inputs = [min(length - 1, n) for length in lengths]  # real input tokens per row
     seg = np.array([[1] * m + [0] * (n - m) for m in inputs], np.int32)
     got = np.asarray(attention.sft_s2_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                                segment_ids=jnp.asarray(seg)))
+                                                segment_ids=jnp.asarray(seg), impl=impl))
     for row, (length, m) in enumerate(zip(lengths, inputs, strict=True)):
         _, unshifted, shifted = official_sft_segments(min(length, n), block, sft_group)
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longlora_jax.modeling import kernels
 from longlora_jax.modeling.attention import causal_attention, s2_attention
 from tests.helpers import run_python
 from tests.test_attention import random_qkv, reference_attention, s2_reference
@@ -33,6 +34,22 @@ def test_splash_s2_segments_and_gradients_match_xla():
         def loss(q, k, v):
             out = s2_attention(q, k, v, group_size=32, wrap=True, segment_ids=seg, impl=impl)
             return jnp.sum(out * w)
+        return jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads("splash"), grads("xla"), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_splash_s2_backward_beyond_the_fused_kernel_matches_xla():
+    """Past FUSED_BWD_MAX_KV_BLOCKS key blocks the backward runs separate dq and dk/dv
+    kernels (the fused one keeps a dq per key block): same gradients as XLA, GQA runs."""
+    n = 128 * (kernels.FUSED_BWD_MAX_KV_BLOCKS + 1)
+    q, k, v = random_qkv(6, 1, n, 6, 2, d=8)
+    w = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
+
+    def grads(impl):
+        def loss(q, k, v):
+            return jnp.sum(s2_attention(q, k, v, group_size=n // 4, impl=impl) * w)
         return jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
 
     for got, want in zip(grads("splash"), grads("xla"), strict=True):
@@ -108,6 +125,44 @@ def test_splash_s2_compiles_ahead_of_time_for_tpu_v4():
     for name in ("data", "sequence", "tensor"):
         assert result[name]["kernels"] >= 2, result  # forward and fused backward Mosaic kernels
         assert result[name]["all_gather"] == 0, result
+
+
+_LONG = """
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from longlora_jax.modeling import attention
+from longlora_jax.parallel import rules
+from longlora_jax.parallel.mesh import make_mesh
+from longlora_jax.parallel.topology import parse_topology, topology_devices
+
+mesh = make_mesh({"data": 1}, devices=topology_devices(parse_topology("v5p:1x1x1")))
+n, h, d = 65536, 32, 128
+args = [jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+        for _ in range(3)]
+
+def loss(q, k, v):
+    out = attention.s2_attention(q, k, v, group_size=n // 4, impl="splash")
+    return out.astype(jnp.float32).sum()
+
+with rules.activate(mesh):
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile()
+print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes, "q_bytes": n * h * d * 2,
+                  "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"')}))
+"""
+
+
+@pytest.mark.integration
+def test_splash_s2_at_64k_tokens_compiles_for_one_v5p_chip_in_linear_memory():
+    """LLaMA-7B's 32 heads at 65536 tokens, forward and backward: one kernel per run of
+    heads that share a mask (32 heads' block tables overflowed the 1 MiB of TPU scalar
+    memory), and separate dq/dk-dv backward kernels (the fused one kept 128 partial dq's,
+    64 GiB): temporaries a few times q's size."""
+    env = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    result = json.loads(run_python(_LONG, env=env).strip().splitlines()[-1])
+    assert result["kernels"] == 6, result  # 2 runs x (forward, dq, dk/dv)
+    assert result["temp"] < 8 * result["q_bytes"], result
 
 
 _HEAD_SHARDED = """

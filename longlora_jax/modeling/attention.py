@@ -277,15 +277,40 @@ def _per_device(fn, args, mesh: _MeshAxes, *, split_heads: bool = False, kernel=
                          check_vma=False)(*args)
 
 
+def _splits_heads(q_bnhd, k_bnkd, mesh: _MeshAxes | None) -> bool:
+    """Whether splash can split the heads over `tensor` (Hq and Hkv both divide)."""
+    return (mesh is not None and mesh.tensor_size > 1
+            and not (q_bnhd.shape[2] % mesh.tensor_size or k_bnkd.shape[2] % mesh.tensor_size))
+
+
 def _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | None):
-    """Splash attention with per-head `masks`, heads split over `tensor` when they divide."""
-    kernel = kernels.make_splash_kernel(masks)
+    """Splash attention with per-head `masks`, heads split over `tensor` when they divide
+    (each device then holds only its own heads' block tables)."""
+    split = _splits_heads(q_bnhd, k_bnkd, mesh)
+    kernel = kernels.make_splash_kernel(masks, head_shards=mesh.tensor_size if split else 1)
     if mesh is None:
         return kernels.run_splash(kernel, q_bnhd, k_bnkd, v_bnkd, seg)
-    split = mesh.tensor_size > 1 and not (q_bnhd.shape[2] % mesh.tensor_size
-                                          or k_bnkd.shape[2] % mesh.tensor_size)
     return _per_device(kernels.run_splash, (q_bnhd, k_bnkd, v_bnkd, seg), mesh,
                        split_heads=split, kernel=kernel)
+
+
+def _splash_s2(q_bnhd, k_bnkd, v_bnkd, seg, mesh: _MeshAxes | None, *, group: int, wrap: bool,
+               shift: bool, window: int | None, sink_tokens: int = 0) -> jax.Array:
+    """S2 on splash, the shift in the masks. Heads split over `tensor`: one kernel with
+    per-head masks. Otherwise one kernel per run of heads sharing a mask (`head_runs`; two
+    for most models): a kernel whose heads share a mask keeps one head's block tables in
+    TPU scalar memory (1 MiB), where 32 heads' tables overflow it from 64k tokens on."""
+    n, hq, hkv = q_bnhd.shape[1], q_bnhd.shape[2], k_bnkd.shape[2]
+    if _splits_heads(q_bnhd, k_bnkd, mesh):
+        masks = kernels.s2_splash_masks(n, hq, group, wrap, shift, window, sink_tokens)
+        return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh)
+    outs = []
+    for run in head_runs(hq, hkv, shift):
+        mask = kernels.s2_splash_mask(n, group, run.shifted, wrap, window, sink_tokens)
+        kv = slice(run.k0, run.k1)
+        outs.append(_splash_per_device([mask] * (run.q1 - run.q0), q_bnhd[:, :, run.q0:run.q1],
+                                       k_bnkd[:, :, kv], v_bnkd[:, :, kv], seg, mesh))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 # --------------------------------------------------------------------------- S2 entry
@@ -334,9 +359,9 @@ def s2_attention(q_bnhd, k_bnkd, v_bnkd, *, group_size: int, wrap: bool = False,
 
         return _per_device(per_device, (q_bnhd, k_bnkd, v_bnkd, seg), mesh)
 
-    if impl == "splash":  # per-head masks express the shift directly: one kernel call
-        masks = kernels.s2_splash_masks(n, q_bnhd.shape[2], group_size, wrap, shift, window)
-        return _splash_per_device(masks, q_bnhd, k_bnkd, v_bnkd, seg, mesh)
+    if impl == "splash":  # masks express the shift directly: no roll
+        return _splash_s2(q_bnhd, k_bnkd, v_bnkd, seg, mesh, group=group_size, wrap=wrap,
+                          shift=shift, window=window)
 
     def whole(q, k, v, seg):
         return _s2_padded(q, k, v, seg, group=group_size, wrap=wrap, shift=shift,
@@ -355,9 +380,8 @@ def _with_sinks(q, k, v, seg, *, group: int, wrap: bool, shift: bool, impl: str,
         raise ConfigError("attention sinks need whole sequences per device; use "
                           "mesh.sequence=1 (split the batch over data/fsdp instead)")
     if impl == "splash":
-        masks = kernels.s2_splash_masks(q.shape[1], q.shape[2], group, wrap, shift, window,
-                                        sink_tokens=sink_tokens)
-        return _splash_per_device(masks, q, k, v, seg, mesh)
+        return _splash_s2(q, k, v, seg, mesh, group=group, wrap=wrap, shift=shift,
+                          window=window, sink_tokens=sink_tokens)
     if impl != "xla":
         raise ConfigError(f"attention sinks run on attention.impl 'xla' or 'splash', not "
                           f"{impl!r}")
@@ -439,8 +463,8 @@ def sft_s2_attention(q_bnhd, k_bnkd, v_bnkd, *, segment_ids, wrap: bool = False,
             if group > n:
                 return grouped(q, k, v, group=n, segment_ids=seg)
             if impl == "splash":
-                masks = kernels.s2_splash_masks(n, q.shape[2], group, wrap, shift, window)
-                return kernels.run_splash(kernels.make_splash_kernel(masks), q, k, v, seg)
+                return _splash_s2(q, k, v, seg, None, group=group, wrap=wrap, shift=shift,
+                                  window=window)
             return _s2_padded(q, k, v, seg, group=group, wrap=wrap, shift=shift,
                               grouped=grouped)
 

@@ -6,8 +6,8 @@ Every kernel here computes the same thing: the sequence [0, N) is cut into group
 keys fewer than W positions before it in the group: itself and the W - 1 before). S2-Attn
 (`attention.py`) is built from such calls (the shifted heads on a shifted view of the
 sequence); the fused backends also serve full causal attention as one group of G = N. With
-`s2_splash_masks`, splash does all of S2 in one call (per-head masks; `attention.py` splits
-the heads over devices).
+`s2_splash_mask`, splash does S2 directly: one call per run of heads that share a mask
+(`attention.py`, which also splits the heads over devices).
 
 Shapes: q [B, N, Hq, D]; k, v [B, N, Hkv, D] with Hq a multiple of Hkv (query head h reads kv
 head h // (Hq // Hkv)); output [B, N, Hq, D]. Softmax statistics are fp32.
@@ -279,36 +279,61 @@ class _S2Mask(splash_mask._ComputableMask):
         return hash((_S2Mask, self.params))
 
 
+# The fused splash backward writes one partial dq per key block ([N/T, H, N, D] in q's dtype,
+# summed afterwards): O(N^2) memory, 298 GiB for one 7B layer at 100k tokens. Beyond this many
+# key blocks the separate dq kernel runs instead (one more pass over the scores, O(N) memory).
+FUSED_BWD_MAX_KV_BLOCKS = 16
+
+
 def splash_length(n: int) -> int:
-    """The sequence length splash runs at: N padded to a multiple of 128."""
-    return -(-n // 128) * 128
+    """The sequence length splash runs at: N padded to a multiple of 512 (its largest block)
+    from 4096 tokens on (at most 1/8 more), else of 128."""
+    quantum = 512 if n >= 4096 else 128
+    return -(-n // quantum) * quantum
 
 
-def make_splash_kernel(head_masks: list[_S2Mask], interpret: bool | None = None):
+def make_splash_kernel(head_masks: list[_S2Mask], interpret: bool | None = None,
+                       head_shards: int = 1):
     """A splash attention kernel with one mask per query head (a pytree: pass it through
-    `shard_map` with `kernel.manual_sharding_spec(...)` to split heads over devices)."""
+    `shard_map` with `kernel.manual_sharding_spec(...)` to split heads over `head_shards`
+    devices).
+
+    Blocks of T = 512 tokens (256 or 128 when the length needs them). The backward is the
+    fused kernel up to `FUSED_BWD_MAX_KV_BLOCKS` key blocks, separate dq and dk/dv kernels
+    above. Heads sharing one mask keep one head's block tables in TPU scalar memory (1 MiB
+    per core); distinct masks keep each device's heads' tables (`attention.py` calls one
+    kernel per run of heads that share a mask unless the heads are split over devices).
+    """
     length = head_masks[0].shape[0]
     block = next(b for b in (512, 256, 128) if length % b == 0)
+    fused = length // block <= FUSED_BWD_MAX_KV_BLOCKS
+    dq_blocks = {} if fused else {"block_q_dq": block, "block_kv_dq": block}
     sizes = splash_kernel.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-        block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True,
+        block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=fused,
+        **dq_blocks,
     )
     if interpret is None:
         interpret = target_platform() != "tpu"
     return splash_kernel.make_splash_mha(
-        splash_mask.MultiHeadMask(head_masks), block_sizes=sizes, head_shards=1,
+        splash_mask.MultiHeadMask(head_masks), block_sizes=sizes, head_shards=head_shards,
         q_seq_shards=1, interpret=interpret,
     )
+
+
+def s2_splash_mask(n: int, group: int, shifted: bool, wrap: bool, window: int | None = None,
+                   sink_tokens: int = 0) -> _S2Mask:
+    """One head's S2 mask for N tokens (shifted or not), within the sliding `window` if
+    given, plus `sink_tokens` global keys (see `_S2Mask`)."""
+    return _S2Mask(splash_length(n), group, shifted=shifted, wrap=wrap, valid=n, window=window,
+                   sink_tokens=sink_tokens)
 
 
 def s2_splash_masks(n: int, hq: int, group: int, wrap: bool, shift: bool = True,
                     window: int | None = None, sink_tokens: int = 0) -> list[_S2Mask]:
     """Per-head S2 masks for N tokens: heads h >= Hq // 2 shifted unless `shift` is off
-    (short attention), each within the sliding `window` if given, plus `sink_tokens`
-    global keys (see `_S2Mask`)."""
-    length = splash_length(n)
-    return [_S2Mask(length, group, shifted=shift and h >= hq // 2, wrap=wrap, valid=n,
-                    window=window, sink_tokens=sink_tokens)
+    (short attention); see `s2_splash_mask`."""
+    return [s2_splash_mask(n, group, shift and h >= hq // 2, wrap, window, sink_tokens)
             for h in range(hq)]
 
 
