@@ -206,6 +206,10 @@ AOT = ("docs/qlora/aot/llama2_70b_32k_qlora.json", "docs/qlora/aot/llama2_13b_65
        "docs/qlora/aot/llama2_7b_100k_one_chip.json")
 
 
+# The one-chip report compiled before splash's backward ran in O(N) memory (commit 17e822d).
+AOT_BEFORE_FIX = "docs/qlora/aot/llama2_7b_100k_one_chip_before_splash_fix.json"
+
+
 def aot_table():
     rows = []
     for path in AOT:
@@ -397,6 +401,11 @@ README_CELLS = [
     (f"{_aot('full_attention', 'per_chip_bytes') / GIB:.1f} GiB", "70B QLoRA: full per chip"),
     (_aot("topology"), "70B QLoRA: slice"),
     (f"{_aot('seq_len')}", "70B QLoRA: N"),
+    (f"{get(AOT[2], 'per_chip_bytes') / GIB:.1f} GiB", "7B @ 100k one chip: per chip"),
+    (f"{get(AOT[2], 'usable_hbm_bytes') / GIB:.2f}", "v5p usable HBM per chip"),
+    (f"{get(AOT[2], 'per_chip', 'temp') / GIB:.1f} GiB", "7B @ 100k one chip: temporaries"),
+    (f"{get(AOT[2], 'seq_len'):,}", "7B @ 100k one chip: N"),
+    (f"{get(AOT_BEFORE_FIX, 'per_chip_bytes') / GIB:.0f} GiB", "7B @ 100k before the fix"),
     (pct(_quant("smollm2 (int8)")), "int8 ppl vs fp32"),
     (pct(_quant("smollm2 (nf4)")), "nf4 ppl vs fp32"),
     (pct(_quant("smollm2 (int4)")), "int4 ppl vs fp32"),
@@ -443,7 +452,7 @@ DOC_CELLS = [
 ]
 
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
-README_LABELS = {"2", "4", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
+README_LABELS = {"2", "4", "7", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
                  "16384"}
 NUMBER = r"(?<![A-Za-z\d._])\d+(?:[.,]\d+)*"  # not the digits of a name (bf16, int4, S2, Q4_1)
 
