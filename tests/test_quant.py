@@ -354,6 +354,29 @@ def test_hf_checkpoint_loads_quantized(hf_model, ckpt):
     assert errors[1] < 0.06 and max(errors[2:]) < 0.8, errors
 
 
+def test_skipped_projections_load_in_float_and_the_rest_quantized(hf_model, ckpt):
+    """`quantize_skip`: down_proj keeps its bf16 kernel as read, the other six projections
+    are quantized as the loader always does; the model sits between the float one and the
+    fully quantized one (transformers as the reference)."""
+    arch = {"scan_layers": True}
+    _, bf16 = load_pretrained(ckpt, dtype="bfloat16", config_overrides=arch)
+    cfg, params = load_pretrained(ckpt, dtype="bfloat16", config_overrides={
+        **arch, "quantize": "nf4", "quantize_skip": ["down_proj"]})
+    assert cfg.quantize_skip == ("down_proj",)
+    modules = quant.quantized_modules(params)
+    assert len(modules) == 6 and ("layers", "mlp", "down_proj") not in modules
+    flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(bf16)
+    down = ("layers", "mlp", "down_proj", "kernel")
+    np.testing.assert_array_equal(np.asarray(flat[down]), np.asarray(want[down]))
+    _, full = load_pretrained(ckpt, dtype="bfloat16", config_overrides={**arch, "quantize": "nf4"})
+    ids = tokens()
+    reference = hf_logits(hf_model, ids)
+    errors = [_relative_error(c, p, reference, ids) for c, p in (
+        (cfg.replace(quantize="none", quantize_skip=()), bf16), (cfg, params),
+        (cfg.replace(quantize_skip=()), full))]
+    assert errors[0] < errors[1] < errors[2], errors
+
+
 def test_gguf_loads_quantized(hf_model, tmp_path):
     path = tmp_path / "tiny.gguf"
     write_gguf(hf_model, path, quantize=False)
@@ -480,6 +503,9 @@ def test_quantized_run_exports_and_evaluates(tmp_path):
     (["--config.model.quantize=int4",
       "--config.model.overrides={'vocab_size': 512, 'intermediate_size': 96}"],
      r"quantize='int4' stores groups of 64 input rows, but down_proj has 96 inputs"),
+    (["--config.model.quantize=nf4", "--config.model.quantize_skip=down"],
+     r"quantize_skip module 'down' is not one of: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+     r"down_proj"),
 ])
 def test_bad_quantize_settings_are_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:

@@ -199,6 +199,8 @@ class LlamaConfig:
         each 4-bit one also with double-quantized scales ("nf4+dq"); see
         `modeling.quant`. Embeddings, norms, biases, LoRA factors and the LM head stay in
         floating point.
+      quantize_skip: projections (HF module names, as for lora_targets) kept in floating
+        point when `quantize` is set, in every layer (bitsandbytes' skip modules).
     """
 
     vocab_size: int = 32000
@@ -230,6 +232,7 @@ class LlamaConfig:
     remat_policy: str = "none"
     scan_layers: bool = False
     quantize: str = "none"
+    quantize_skip: tuple[str, ...] = ()
     # S2-Attn.
     attention_train: str = "full"
     attention_impl: str = "auto"
@@ -258,11 +261,10 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if isinstance(self.lora_targets, list | str):
-            targets = self.lora_targets
-            object.__setattr__(
-                self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets)
-            )
+        for name in ("lora_targets", "quantize_skip"):
+            names = getattr(self, name)
+            if isinstance(names, list | str):
+                object.__setattr__(self, name, (names,) if isinstance(names, str) else tuple(names))
         if isinstance(self.rope_scaling, Mapping) or self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
         self.validate()
@@ -308,6 +310,8 @@ class LlamaConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for target in self.lora_targets:
             _check_choice("lora target", target, BLOCK_LORA_TARGETS[self.block])
+        for module in self.quantize_skip:
+            _check_choice("quantize_skip module", module, BLOCK_LORA_TARGETS[self.block])
         self._validate_family()
 
     def _validate_family(self) -> None:

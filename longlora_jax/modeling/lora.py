@@ -48,7 +48,8 @@ class Dense(nn.Module):
     (x @ W + b + dropout(x) @ A @ B * s), and the bias itself is frozen unless everything
     trains (see `trainable_labels`).
 
-    With `cfg.quantize` set (and `quantizable`, which only the LM head turns off) the kernel
+    With `cfg.quantize` set (and `quantizable`, which only the LM head turns off, and the
+    module not in `cfg.quantize_skip`) the kernel
     is stored quantized (`modeling.quant`): `kernel` holds the integer codes [in, out] and
     `scale` (hqq4: and `zero`; double-quantized: with their statistics) the per-group
     parameters (`quant.leaves`), and the kernel is dequantized in the compute dtype inside the
@@ -67,7 +68,8 @@ class Dense(nn.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         shape = (x.shape[-1], self.features)
-        scheme = cfg.quantize if self.quantizable else "none"
+        quantized = self.quantizable and self.name not in cfg.quantize_skip
+        scheme = cfg.quantize if quantized else "none"
         if scheme == "none":
             kernel = self.param(
                 "kernel",

@@ -73,16 +73,17 @@ from longlora_jax.parallel.distributed import any_process, is_main_process
 _FINGERPRINT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
-    "scan_layers", "lora_rank", "lora_targets", "quantize",
+    "scan_layers", "lora_rank", "lora_targets", "quantize", "quantize_skip",
 )
 # Fields added after checkpoints were written without them: their value in those.
-_FINGERPRINT_DEFAULTS = {"quantize": "none"}
+_FINGERPRINT_DEFAULTS = {"quantize": "none", "quantize_skip": []}
 
 
 def fingerprint(cfg: LlamaConfig, mode: str) -> dict[str, Any]:
     """What identifies the shape of a run's trainable state."""
     out = {field: getattr(cfg, field) for field in _FINGERPRINT_FIELDS}
     out["lora_targets"] = list(out["lora_targets"])
+    out["quantize_skip"] = list(out["quantize_skip"])
     out["mode"] = mode
     return out
 

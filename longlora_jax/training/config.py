@@ -73,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
                         schemes in groups of 64 input rows, quantized from frozen_dtype as
                         they load; see `modeling.quant`); lora.mode "lora" or "lora_plus"
                         only.
+    model.quantize_skip projections kept in floating point under model.quantize, e.g.
+                        "down_proj" (HF module names, as lora.targets).
     model.remat         "none" | "full" | "dots" | "dots_no_batch".
     model.scan          run the layers under nn.scan (faster compiles, one layer's memory).
     seq_len             training context length N.
@@ -123,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         base="preset:tiny", tokenizer="auto", overrides=ml_collections.ConfigDict(),
         dtype="float32", frozen_dtype="bfloat16", remat="full", scan=True, quantize="none",
+        quantize_skip=(),
     ))
     c.seq_len = 2048
     c.rope = ml_collections.ConfigDict(dict(scaling="linear", original_context=0))
@@ -198,6 +201,7 @@ def model_config(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, BaseSp
         remat_policy=config.model.remat,
         scan_layers=config.model.scan,
         quantize=config.model.quantize,
+        quantize_skip=tuple(config.model.quantize_skip),
         attention_train=config.attention.train,
         attention_impl=config.attention.impl,
         s2_group_size=config.attention.group_size or None,
