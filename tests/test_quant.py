@@ -504,8 +504,8 @@ def test_quantized_run_exports_and_evaluates(tmp_path):
       "--config.model.overrides={'vocab_size': 512, 'intermediate_size': 96}"],
      r"quantize='int4' stores groups of 64 input rows, but down_proj has 96 inputs"),
     (["--config.model.quantize=nf4", "--config.model.quantize_skip=down"],
-     r"quantize_skip module 'down' is not one of: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-     r"down_proj"),
+     r"quantize_skip module 'down' is not one of: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+     r"up_proj, down_proj"),
 ])
 def test_bad_quantize_settings_are_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
