@@ -356,13 +356,18 @@ def test_hf_checkpoint_loads_quantized(hf_model, ckpt):
 
 def test_skipped_projections_load_in_float_and_the_rest_quantized(hf_model, ckpt):
     """`quantize_skip`: down_proj keeps its bf16 kernel as read, the other six projections
-    are quantized as the loader always does; the model sits between the float one and the
+    are quantized as the loader always does (through the base loader `train` uses); the model sits between the float one and the
     fully quantized one (transformers as the reference)."""
+    from longlora_jax.io import base
+    from longlora_jax.parallel.mesh import make_mesh
+
     arch = {"scan_layers": True}
-    _, bf16 = load_pretrained(ckpt, dtype="bfloat16", config_overrides=arch)
-    cfg, params = load_pretrained(ckpt, dtype="bfloat16", config_overrides={
-        **arch, "quantize": "nf4", "quantize_skip": ["down_proj"]})
-    assert cfg.quantize_skip == ("down_proj",)
+    cfg, bf16 = load_pretrained(ckpt, dtype="bfloat16", config_overrides=arch)
+    cfg = cfg.replace(quantize="nf4", quantize_skip=("down_proj",))
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    params = base.load_base_params(  # as `train` loads its base
+        base.BaseSpec.parse(f"hf:{ckpt}"), cfg, seed=0, dtype="bfloat16",
+        shardings=base.variable_shardings(LlamaForCausalLM(cfg), mesh)["params"])
     modules = quant.quantized_modules(params)
     assert len(modules) == 6 and ("layers", "mlp", "down_proj") not in modules
     flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(bf16)

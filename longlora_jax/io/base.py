@@ -130,7 +130,7 @@ def load_base_params(spec: BaseSpec, cfg: LlamaConfig, *, seed: int, dtype: str,
     `cfg.quantize` the projection kernels are quantized from their `dtype` values (scales in
     `dtype`): by the loader as it reads each tensor, or on the devices for a preset.
     """
-    arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype", "quantize")}
+    arch = {f: getattr(cfg, f) for f in ("scan_layers", "dtype", "quantize", "quantize_skip")}
     if spec.kind == "preset":  # initialised in fp32 and then cast, whatever `dtype`
         float_cfg = cfg.replace(param_dtype="float32", quantize="none")
         modules = quant.quantized_modules(shardings)
