@@ -356,8 +356,8 @@ def test_hf_checkpoint_loads_quantized(hf_model, ckpt):
 
 def test_skipped_projections_load_in_float_and_the_rest_quantized(hf_model, ckpt):
     """`quantize_skip`: down_proj keeps its bf16 kernel as read, the other six projections
-    are quantized as the loader always does (through the base loader `train` uses); the model sits between the float one and the
-    fully quantized one (transformers as the reference)."""
+    are quantized (through the base loader `train` uses); the model sits between the float
+    one and the fully quantized one (transformers as the reference)."""
     from longlora_jax.io import base
     from longlora_jax.parallel.mesh import make_mesh
 
