@@ -102,6 +102,12 @@ def quant_table():
 
 
 QUALITY = "docs/quant_smollm2/quality.json"
+RECOVERY = "docs/qlora/recovery.json"  # QLoRA recovery: the demo on 4-bit and float bases
+
+
+def _recovery(name, key="gap_after"):
+    """A recovery run's relative gap to its float base run, as +23.5%."""
+    return f"{100 * by(load(RECOVERY)['runs'], 'name', name)[key]:+.1f}%"
 
 
 def quality_table():
@@ -253,7 +259,8 @@ TABLES = {
                       lambda: train_table(["docs/bench/train_like_for_like_8k_again.json"]),
                       matmul_table, attention_table, longest_table],
     "docs/qlora.md": [quant_table, quality_table, group_size_table, memory_table,
-                      qlora_speed_table],
+                      qlora_speed_table,
+                      lambda: (ROOT / "docs/qlora/recovery.md").read_text().strip()],
     "docs/fit.md": [aot_table],
     "docs/reliability.md": [fuzz_table],
     "README.md": [quality_table],
@@ -379,6 +386,11 @@ LONG_VERDICTS = [  # (steps, claim, verdict the page states)
 
 # (text the README must contain in its headline table, the value it is formatted from)
 README_CELLS = [
+    (_recovery("nf4"), "QLoRA recovery: nf4 after 20 steps"),
+    (_recovery("nf4", "gap_before"), "QLoRA recovery: nf4 before training"),
+    (_recovery("nf4_80"), "QLoRA recovery: nf4 after 80 steps"),
+    (_recovery("hqq4"), "QLoRA recovery: hqq4 after 20 steps"),
+    (_recovery("float_seed1").lstrip("+"), "QLoRA recovery: float seeds' spread"),
     (f"{_train(2048, 'S2: ours vs official'):.2f}×", "N=2048 S2: ours vs official"),
     (f"{_train(8192, 'S2: ours vs official'):.2f}×", "N=8192 S2: ours vs official"),
     (f"{_train(16384, 'S2: ours vs official'):.2f}×", "N=16384 S2: ours vs official"),
@@ -452,8 +464,8 @@ DOC_CELLS = [
 ]
 
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
-README_LABELS = {"2", "4", "7", "8", "20", "30", "70", "100", "135", "256", "1024", "2048", "8192",
-                 "16384"}
+README_LABELS = {"2", "3", "4", "7", "8", "20", "30", "70", "80", "100", "135", "256",
+                 "1024", "2048", "8192", "16384"}
 NUMBER = r"(?<![A-Za-z\d._])\d+(?:[.,]\d+)*"  # not the digits of a name (bf16, int4, S2, Q4_1)
 
 
