@@ -90,6 +90,21 @@ def test_workdir_url_is_refused(tmp_path):
         train.train(tiny_config(), "gs://bucket/run")
 
 
+def test_bad_model_config_leaves_no_new_workdir_and_keeps_an_existing_one(tmp_path):
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(ConfigError, match="quantize_skip module 'down'"):
+        train.train(tiny_config("--config.model.quantize=nf4",
+                                "--config.model.quantize_skip=down"), fresh)
+    assert not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="quantize_skip module 'down'"):
+        train.train(tiny_config("--config.model.quantize=nf4",
+                                "--config.model.quantize_skip=down"), existing)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt", "train.lock"]
+
+
 def test_resume_cuts_the_metrics_back_and_the_summary_covers_every_segment(tmp_path):
     evals = ["--config.eval.before=True", "--config.eval.after=True", "--config.eval.every=2",
              "--config.eval.max_windows=1"]

@@ -51,7 +51,7 @@ from longlora_jax.parallel.mesh import make_mesh
 from longlora_jax.training.checkpoint import Checkpointer, fingerprint
 from longlora_jax.training.config import build_setup, with_epochs_resolved
 from longlora_jax.training.hooks import Evaluations, Saves, StepLog
-from longlora_jax.training.lock import hold_workdir
+from longlora_jax.training.lock import LOCK_FILE, hold_workdir
 from longlora_jax.training.metrics import MetricsWriter
 from longlora_jax.training.step import TrainSetup, init_state
 from longlora_jax.training.stop import TrainingStopped, check_finite, stop_on_signals
@@ -82,9 +82,23 @@ def train(config: ml_collections.ConfigDict,
         raise ConfigError(f"workdir={where!r} is a URL; train writes to a file system path "
                           "(mount the bucket, e.g. with gcsfuse, and give the mount point)")
     workdir = pathlib.Path(where)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
-    with hold_workdir(workdir), contextlib.ExitStack() as stack:
-        return _train(config, workdir, stack)
+    try:
+        with hold_workdir(workdir), contextlib.ExitStack() as stack:
+            return _train(config, workdir, stack)
+    except BaseException:
+        if created and is_main_process():
+            _remove_if_unused(workdir)
+        raise
+
+
+def _remove_if_unused(workdir: pathlib.Path) -> None:
+    """Removes a workdir this run created when it failed before writing anything but its
+    (released) lock file, so a bad config leaves no empty run directory behind."""
+    if {p.name for p in workdir.iterdir()} <= {LOCK_FILE}:
+        (workdir / LOCK_FILE).unlink(missing_ok=True)
+        workdir.rmdir()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
