@@ -10,8 +10,13 @@ model_args are documented) and runs lm-eval's own command line with the same arg
 Python, `import longlora_jax.evaluation.lm_harness` registers it for `lm_eval.simple_evaluate`.
 Needs the `eval` extra (`pip install .[eval]`). A bad model_args value is one `error:` line and
 exit status 2, like every command here.
+
+lm-eval's `--include_path` defaults to this project's offline RULER tasks
+(`longlora_jax/evaluation/lm_eval_tasks`: `--tasks ruler_offline` or `ruler_offline_vt`, ...);
+a path you give replaces it (lm-eval takes one).
 """
 
+import pathlib
 import sys
 
 from longlora_jax.errors import UserError, first_line
@@ -25,13 +30,18 @@ except ImportError as err:
         raise
     cli_evaluate = None
 
+TASKS_DIR = pathlib.Path(__file__).parent / "evaluation" / "lm_eval_tasks"
+
 
 def main(argv: list[str] | None = None) -> int:
     """Runs lm-eval's command line on `argv` (default sys.argv[1:]); returns the exit status."""
     if cli_evaluate is None:
         print("error: lm-eval is not installed; pip install .[eval]", file=sys.stderr)
         return 2
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
     except UserError as err:

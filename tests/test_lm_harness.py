@@ -170,8 +170,48 @@ def test_harness_command(model_dir, task_dir, tmp_path):
                str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
+    proc = run("--model", "longlora_jax", "--model_args", "model=preset:tiny", "--tasks",
+               "ruler_offline_fwe", "--metadata", '{"max_seq_lengths": [1024], "samples": 1}')
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the project's tasks, found by default
+    assert "ruler_offline_fwe" in proc.stdout and "1024" in proc.stdout
     proc = run(*common, "--model_args", f"model=hf:{model_dir},colour=red")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == textwrap.shorten(
         "error: unknown model_args key 'colour'; valid: model, quantize, rope, dtype, "
         "max_length, max_gen_toks, prefill_chunk", 1000)
+
+
+def test_offline_ruler_as_lm_eval_tasks_equals_evaluate(monkeypatch):
+    """`ruler_offline_*` through lm-eval and `evaluate`'s RULER on one model: the same prompt
+    tokens, the same greedy answers, the same scores (template "none" = no chat template)."""
+    from longlora_jax.data.tokenizer import encoder
+    from longlora_jax.evaluation.lm_eval_tasks.ruler_docs import ruler_dataset
+    from longlora_jax.evaluation.ruler import ruler_scores
+    from longlora_jax.evaluation.ruler_tasks import Corpus, postprocess
+    from longlora_jax.harness import TASKS_DIR
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks, length = ["niah_single_1", "fwe"], 1024
+    lm = LongLoRALM(model="preset:tiny", batch_size=2)
+    meta = {"model": "preset:tiny", "max_seq_lengths": [length], "samples": 2}
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[f"ruler_offline_{t}" for t in tasks], batch_size=2, log_samples=True,
+        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata=meta))
+    corpus = Corpus.from_texts([d.text for d in assets.essays()])
+    ours = ruler_scores(lm.cfg, lm.variables, lm.tokenizer, corpus, length=length, tasks=tasks,
+                        samples=2, template="none", batch=2)
+    encode = encoder(lm.tokenizer)
+    for task in tasks:
+        rows = sorted(out["samples"][f"ruler_offline_{task}"], key=lambda s: s["doc_id"])
+        mine = ours["tasks"][task]
+        assert [r["doc"]["outputs"] for r in rows] == [e for e, _ in mine["answers"]]
+        prompts = [r["arguments"][0][0] for r in rows]
+        assert prompts == [r["doc"]["input"] + r["doc"]["gen_prefix"] for r in rows]
+        assert np.mean([len(encode(p)) for p in prompts]) == mine["prompt_tokens"]
+        assert any(p for _, p in mine["answers"])  # something was generated
+        assert [postprocess(r["resps"][0][0]) for r in rows] == [p for _, p in mine["answers"]]
+        assert out["results"][f"ruler_offline_{task}"][f"{length},none"] == mine["score"]
+    with pytest.raises(ConfigError, match="max_seq_lengths 1000; valid: 1024, 2048"):
+        ruler_dataset("vt", max_seq_lengths=[1000], model="preset:tiny")
+    with pytest.raises(ConfigError, match="need a tokenizer"):
+        ruler_dataset("vt")

@@ -66,6 +66,10 @@ def test_installed_package_imports_and_runs(tmp_path):
     for sub in ("modeling", "io", "data", "training", "evaluation", "inference", "parallel",
                 "cli", "benchmarks"):
         assert (target / "longlora_jax" / sub / "__init__.py").is_file(), sub
+    tasks = target / "longlora_jax" / "evaluation" / "lm_eval_tasks"  # lm-eval's task files
+    assert {p.name for p in tasks.glob("*.yaml")} == {
+        p.name for p in (pathlib.Path(REPO_ROOT) / tasks.relative_to(target)).glob("*.yaml")}
+    assert len(list(tasks.glob("*.yaml"))) == 12
     helped = subprocess.run([sys.executable, "-m", "longlora_jax.train", "--help"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert helped.returncode == 0 and "--workdir" in helped.stdout, helped.stderr[-3000:]

@@ -150,8 +150,12 @@ def check_lengths(cfg: LlamaConfig, lengths: list[int], name: str, *, allow: boo
             "evaluate with a rope variant that covers them or set allow_beyond_context")
 
 
+def _log(line: str) -> None:
+    print(line, flush=True)  # progress reaches a log file as it happens
+
+
 def evaluate_models(config: ml_collections.ConfigDict,
-                    log: Callable[[str], None] = print) -> list[ModelResult]:
+                    log: Callable[[str], None] = _log) -> list[ModelResult]:
     """Every (model, RoPE variant) over the lengths (see the module docstring)."""
     lengths = _check(config)
     ropes = [parse_rope(text) for text in config.rope.scaling]

@@ -34,6 +34,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from longlora_jax.data.tokenizer import decoder
 from longlora_jax.errors import ConfigError
 from longlora_jax.inference.decode import generate
 from longlora_jax.io.run import load_model
@@ -148,10 +149,7 @@ class LongLoRALM(TemplateLM):
         return [int(i) for i in self.tokenizer.encode(string, **options)]
 
     def tok_decode(self, tokens: list[int]) -> str:
-        try:
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
-        except TypeError:  # the byte tokenizer
-            return self.tokenizer.decode(tokens)
+        return decoder(self.tokenizer)(tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
