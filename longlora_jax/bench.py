@@ -1,4 +1,4 @@
-"""`python -m longlora_jax.bench attention|train|matmul|longest|quant [--config.KEY=VALUE ...]`
+"""`python -m longlora_jax.bench attention|train|profile|matmul|longest|quant [--config.K=V ...]`
 
 Benchmarks measured side by side in one process, printed as a markdown table (`--json PATH`
 also writes them):
@@ -7,6 +7,9 @@ also writes them):
               wall time, compiled FLOPs and temporary memory (`benchmarks.attention`).
   train       tokens/s of our LongLoRA train step vs transformers + PEFT on a SmolLM2-shaped
               model on the same algorithm, with MFU and HFU (`benchmarks.train_step`).
+  profile     where one train step's time goes: self time per HLO instruction under the XLA
+              profiler, by kind (matmul, copies, ...) and by the code that emitted it
+              (`benchmarks.profile`).
   matmul      the fp32 matmul rate of XLA and of PyTorch on the train step's shapes: the
               ceiling on either step's lead at equal FLOPs (`benchmarks.matmul`).
   quant       bytes of a quantized frozen base (codes, scales, float rest) and the host's
@@ -19,7 +22,7 @@ also writes them):
 
 import sys
 
-from longlora_jax.benchmarks import attention, longest, matmul, quant, train_step
+from longlora_jax.benchmarks import attention, longest, matmul, profile, quant, train_step
 from longlora_jax.cli import Command, dispatch
 
 
@@ -34,6 +37,7 @@ def _command(name, module, renamed=()) -> Command:
 
 SUBCOMMANDS = {"attention": _command("attention", attention, attention.RENAMED),
                "train": _command("train", train_step, train_step.RENAMED),
+               "profile": _command("profile", profile),
                "longest": _command("longest", longest),
                "matmul": _command("matmul", matmul),
                "quant": _command("quant", quant)}

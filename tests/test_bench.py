@@ -5,7 +5,7 @@ import json
 import pytest
 
 from longlora_jax.bench import SUBCOMMANDS
-from longlora_jax.benchmarks import attention, longest, matmul, quant, train_step
+from longlora_jax.benchmarks import attention, longest, matmul, profile, quant, train_step
 from longlora_jax.cli import parse
 from longlora_jax.errors import ConfigError
 
@@ -48,6 +48,21 @@ def test_train_bench_runs_ours_and_both_peers_side_by_side(tmp_path, capsys):
         row["model GFLOP/step"] / row["longlora_jax s/step"] / row["XLA matmul GFLOP/s"])
     assert row["HFU"] / row["MFU"] == pytest.approx(
         row["executed GFLOP/step"] / row["model GFLOP/step"])
+
+
+def test_profile_bench_accounts_for_the_step_by_kind_and_place(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    profile.run(parse(SUBCOMMANDS["profile"], [
+        "--lengths", "256", "--layers", "1", "--loss-chunk", "128", "--json", str(out)]))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["N"] == 256 and row["threads"] >= 1 and 0 < row["busy"] <= 1.0
+    total = row["op thread-seconds"]
+    assert abs(sum(row["by_kind"].values()) - total) < 1e-6 * max(total, 1)
+    assert abs(sum(p["thread-seconds"] for p in row["by_place"]) - total) < 1e-6 * max(total, 1)
+    places = {p["place"] for p in row["by_place"]}
+    assert {"modeling/loss.py:_fused_fwd", "modeling/kernels.py:blocked_grouped_causal"} <= places
+    assert row["by_kind"]["matmul"] > 0
+    assert "| kind | thread-s | share |" in capsys.readouterr().out
 
 
 def test_train_bench_refuses_an_unknown_peer():

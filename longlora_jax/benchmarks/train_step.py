@@ -95,9 +95,10 @@ def matmul_rate() -> float:
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
     return best
 
-def our_step(n: int, config, quantize: str = "none", attention: str = "s2") -> Variant:
+def our_step_parts(n: int, config, quantize: str = "none", attention: str = "s2") -> tuple:
     """Our jitted LongLoRA step (S2 or full attention + LoRA+, chunked loss, AdamW) on a
-    random SmolLM2 shape, its frozen base stored as `config.model.frozen_dtype` or quantized."""
+    random SmolLM2 shape, its frozen base stored as `config.model.frozen_dtype` or quantized:
+    (step_fn, state, frozen, batch), step_fn(state, frozen, batch) -> (state, metrics)."""
     cfg = smollm2_shape(n, config.layers, config.model.remat, config.attention.group_size_ratio,
                         attention)
     setup = build_train_setup(
@@ -115,10 +116,16 @@ def our_step(n: int, config, quantize: str = "none", attention: str = "s2") -> V
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "loss_mask": np.ones((1, n), np.float32), "segment_ids": np.ones((1, n), np.int32),
              "positions": np.arange(n, dtype=np.int32)[None]}
+    return setup.step_fn, state, frozen, batch
+
+
+def our_step(n: int, config, quantize: str = "none", attention: str = "s2") -> Variant:
+    """`our_step_parts` as a Variant: each run is one optimizer step."""
+    step_fn, state, frozen, batch = our_step_parts(n, config, quantize, attention)
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = setup.step_fn(holder["state"], frozen, batch)
+        holder["state"], metrics = step_fn(holder["state"], frozen, batch)
         jax.block_until_ready(metrics)
 
     name = "longlora_jax" if attention == "s2" else f"longlora_jax_{attention}"
