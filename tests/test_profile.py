@@ -43,10 +43,8 @@ planes {
 
 
 def test_self_time_subtracts_nested_instructions_and_sums_threads(tmp_path):
-    from jax._src.lib import _profile_data
-
     path = tmp_path / "t.xplane.pb"
-    path.write_bytes(_profile_data.ProfileData.text_proto_to_serialized_xspace(TRACE))
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(TRACE))
     seconds, threads = self_seconds(str(path), {"while.1", "fusion.2", "dot.3"})
     # while 100 ns holds fusion 50 (which holds dot 10) and fusion 20; dot also 40 on worker 2
     assert threads == 2

@@ -156,11 +156,9 @@ def hlo_index(text: str) -> HloIndex:
 def self_seconds(xspace_path: str, names: set[str]) -> tuple[dict[str, float], int]:
     """Per HLO instruction in `names`, its self time summed over the threads of the trace's
     host plane; and the number of threads that ran any."""
-    from jax._src.lib import _profile_data
-
     totals: dict[str, float] = collections.defaultdict(float)
     threads = 0
-    for plane in _profile_data.ProfileData.from_file(xspace_path).planes:
+    for plane in jax.profiler.ProfileData.from_file(xspace_path).planes:
         for line in plane.lines:
             events = sorted(((e.start_ns, e.end_ns, e.name) for e in line.events),
                             key=lambda e: (e[0], -e[1]))

@@ -24,6 +24,7 @@ from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention, kv_cache, rope
 from longlora_jax.modeling.config import LLAMA_BLOCK, LlamaConfig
 from longlora_jax.modeling.lora import Dense
+from longlora_jax.modeling.rms_norm import rms_norm
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -67,11 +68,8 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             jnp.dtype(self.cfg.param_dtype),
         )
-        x32 = x.astype(jnp.float32)
-        mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.rms_norm_eps)
-        # HF casts back to the input dtype before applying the weight.
-        return scale.astype(self.cfg.dtype) * normed.astype(self.cfg.dtype)
+        # HF's order: fp32 statistics, cast to the compute dtype before the weight.
+        return rms_norm(x, scale, self.cfg.rms_norm_eps, jnp.dtype(self.cfg.dtype))
 
 
 class Attention(nn.Module):
