@@ -267,8 +267,17 @@ TABLES = {
     "docs/evaluation.md": [lambda: eval_table("docs/eval_attention_smollm2/results.json"),
                            lambda: eval_table("docs/eval_demo/results.json"),
                            lambda: eval_table("docs/eval_smollm2/results.json"),
-                           lambda: eval_table("docs/passkey_smollm2/results.json")],
+                           lambda: eval_table("docs/passkey_smollm2/results.json"),
+                           lambda: _md_table("docs/lm_eval/side_by_side.md")],
 }
+
+
+def _md_table(path):
+    """The markdown table a docs script wrote (its lines that start with '|')."""
+    return "\n".join(ln for ln in (ROOT / path).read_text().splitlines() if ln.startswith("|"))
+
+
+SIDE = "docs/lm_eval/side_by_side.json"
 
 # ----- the README's headline table: each number is one of these cells -----
 
@@ -461,6 +470,17 @@ DOC_CELLS = [
      "70B QLoRA frozen weights"),
     ("docs/fit.md", f"{_aot('per_chip', 'temp') / GIB:.2f} GiB", "70B QLoRA temporaries"),
     ("docs/fit.md", f"{_aot('est_step_seconds'):.1f} s", "70B QLoRA ideal step"),
+    ("README.md", f"same accuracy\n({get(SIDE, 'summary', 'acc_longlora_jax'):.4f})",
+     "lm-eval side by side: accuracy"),
+    ("README.md", f"{get(SIDE, 'summary', 'generations_identical')}/"
+     f"{get(SIDE, 'summary', 'generations')} identical", "lm-eval side by side: generations"),
+    ("README.md", f"within {get(SIDE, 'summary', 'mc_max_abs_diff'):.1e} (multiple\nchoice) and "
+     f"{get(SIDE, 'summary', 'rolling_max_rel_diff'):.1e} relative", "lm-eval: loglikelihoods"),
+    ("docs/evaluation.md", f"agree within {get(SIDE, 'summary', 'mc_max_abs_diff'):.1e}",
+     "lm-eval side by side: MC loglikelihoods"),
+    ("docs/evaluation.md", f"differ by up to {get(SIDE, 'summary', 'rolling_max_abs_diff'):.1e}:"
+     f" {get(SIDE, 'summary', 'rolling_max_rel_diff'):.1e} of the sum, "
+     f"{get(SIDE, 'summary', 'rolling_max_diff_per_token'):.1e} per", "rolling loglikelihoods"),
 ]
 
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
@@ -533,3 +553,11 @@ def test_the_long_range_miniature_page_quotes_its_results():
     assert not missing, f"{LONG_PAGE} does not quote these numbers of {LONG}: {missing}"
     for steps, claim, verdict in LONG_VERDICTS:
         assert _long_verdicts(steps, claim) == verdict, (steps, claim)
+
+
+def test_the_lm_eval_side_by_side_supports_the_readme():
+    """README: "the same accuracy", "identical greedy generations" (of all of them)."""
+    summary = get(SIDE, "summary")
+    assert summary["acc_hf"] == summary["acc_longlora_jax"]
+    assert summary["acc_norm_hf"] == summary["acc_norm_longlora_jax"]
+    assert summary["generations_identical"] == summary["generations"]
