@@ -194,6 +194,38 @@ def matmul_table():
 
 
 LONGEST = ("docs/bench/longest_longlora_jax.json", "docs/bench/longest_hf_peft.json")
+PROFILE_KINDS = ("matmul", "scatter/gather", "copy/transpose", "reduce", "elementwise")
+
+
+def profile_table(path):
+    """`bench profile`: per length the step, how busy the threads were, and the share of
+    each kind of instruction."""
+    rows = []
+    for r in load(path)["rows"]:
+        total = r["op thread-seconds"]
+        rows.append([r["N"], f"{r['step s']:.1f}", f"{r['busy']:.0%}",
+                     *(f"{r['by_kind'][k] / total:.1%}" for k in PROFILE_KINDS)])
+    return table(["N", "step s", "busy", *PROFILE_KINDS], rows)
+
+
+def _share(n, prefix, matmul=True, path="docs/bench/profile_before_rms_norm.json"):
+    """The share of the step at N tokens emitted by places starting with `prefix`."""
+    (r,) = [r for r in load(path)["rows"] if r["N"] == n]
+    return sum(p["thread-seconds"] for p in r["by_place"] if p["place"].startswith(prefix)
+               and (matmul or p["kind"] != "matmul")) / r["op thread-seconds"]
+
+
+def _kernel_rest(n):
+    return _share(n, "modeling/kernels.py", matmul=False)
+
+
+def profile_places(path, n, top=8):
+    """`bench profile` at N tokens: the `top` places (code, kind) by thread time."""
+    (r,) = [r for r in load(path)["rows"] if r["N"] == n]
+    total = r["op thread-seconds"]
+    return table(["place", "kind", "share"],
+                 [[f"`{p['place']}`", p["kind"], f"{p['thread-seconds'] / total:.1%}"]
+                  for p in r["by_place"][:top]])
 
 
 def longest_table():
@@ -257,7 +289,10 @@ TABLES = {
                                              "results.json")],
     "docs/speed.md": [train_table,
                       lambda: train_table(["docs/bench/train_like_for_like_8k_again.json"]),
-                      matmul_table, attention_table, longest_table],
+                      matmul_table, attention_table, longest_table,
+                      lambda: profile_table("docs/bench/profile_before_rms_norm.json"),
+                      lambda: profile_places("docs/bench/profile_before_rms_norm.json", 8192),
+                      lambda: profile_places("docs/bench/profile_before_rms_norm.json", 16384)],
     "docs/qlora.md": [quant_table, quality_table, group_size_table, memory_table,
                       qlora_speed_table,
                       lambda: (ROOT / "docs/qlora/recovery.md").read_text().strip()],
@@ -476,6 +511,10 @@ DOC_CELLS = [
      f"{get(SIDE, 'summary', 'generations')} identical", "lm-eval side by side: generations"),
     ("README.md", f"within {get(SIDE, 'summary', 'mc_max_abs_diff'):.1e} (multiple\nchoice) and "
      f"{get(SIDE, 'summary', 'rolling_max_rel_diff'):.1e} relative", "lm-eval: loglikelihoods"),
+    ("docs/speed.md", f"{_kernel_rest(8192):.0%} of the step at 8192, {_kernel_rest(16384):.0%} "
+     "at\n  16384", "the attention kernel's non-matmul share"),
+    ("docs/speed.md", f"is {_share(8192, 'modeling/attention.py'):.1%} at 8192 and "
+     f"{_share(16384, 'modeling/attention.py'):.1%} at 16384", "attention.py's own share"),
     ("docs/evaluation.md", f"agree within {get(SIDE, 'summary', 'mc_max_abs_diff'):.1e}",
      "lm-eval side by side: MC loglikelihoods"),
     ("docs/evaluation.md", f"differ by up to {get(SIDE, 'summary', 'rolling_max_abs_diff'):.1e}:"
