@@ -29,6 +29,7 @@ from longlora_jax.modeling import rope
 from longlora_jax.modeling.config import LlamaConfig
 from longlora_jax.modeling.llama import CausalLM, attend_or_decode, constrain
 from longlora_jax.modeling.lora import Dense
+from longlora_jax.modeling.norms import layer_norm
 
 
 class LayerNorm(nn.Module):
@@ -48,11 +49,7 @@ class LayerNorm(nn.Module):
                               (x.shape[-1],), jnp.dtype(cfg.param_dtype))
 
         weight, bias = param("weight", nn.initializers.ones), param("bias", nn.initializers.zeros)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        normed = (x32 - mean) * jax.lax.rsqrt(var + cfg.rms_norm_eps)
-        return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.dtype)
+        return layer_norm(x, weight, bias, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
 
 
 class GPTNeoXAttention(nn.Module):

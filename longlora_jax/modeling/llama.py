@@ -24,7 +24,7 @@ from longlora_jax.errors import ConfigError
 from longlora_jax.modeling import attention, kv_cache, rope
 from longlora_jax.modeling.config import LLAMA_BLOCK, LlamaConfig
 from longlora_jax.modeling.lora import Dense
-from longlora_jax.modeling.rms_norm import rms_norm
+from longlora_jax.modeling.norms import rms_norm
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
