@@ -31,6 +31,7 @@ except ImportError as err:
     cli_evaluate = None
 
 TASKS_DIR = pathlib.Path(__file__).parent / "evaluation" / "lm_eval_tasks"
+UNKNOWN_TASKS = "Tasks not found"  # how lm-eval 0.4 words its ValueError for unknown --tasks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except UserError as err:
         print(f"error: {first_line(err)}", file=sys.stderr, flush=True)
+        return 2
+    except ValueError as err:  # lm-eval's own refusal of a task name, as one line
+        if not str(err).startswith(UNKNOWN_TASKS):
+            raise
+        print(f"error: {first_line(err)}; `python -m longlora_jax.harness ls tasks` lists "
+              "the valid ones", file=sys.stderr, flush=True)
         return 2
     return 0
 

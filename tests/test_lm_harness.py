@@ -174,6 +174,11 @@ def test_harness_command(model_dir, task_dir, tmp_path):
                "ruler_offline_fwe", "--metadata", '{"max_seq_lengths": [1024], "samples": 1}')
     assert proc.returncode == 0, proc.stderr[-3000:]  # the project's tasks, found by default
     assert "ruler_offline_fwe" in proc.stdout and "1024" in proc.stdout
+    proc = run("--model", "longlora_jax", "--model_args", "model=preset:tiny", "--tasks",
+               "ruler_offline_nope")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: Tasks not found: ruler_offline_nope"), proc.stderr[-2000:]
     proc = run(*common, "--model_args", f"model=hf:{model_dir},colour=red")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == textwrap.shorten(
