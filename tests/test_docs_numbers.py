@@ -517,6 +517,8 @@ DOC_CELLS = [
      "at\n  16384", "the attention kernel's non-matmul share"),
     ("docs/speed.md", f"is {_share(8192, 'modeling/attention.py'):.1%} at 8192 and "
      f"{_share(16384, 'modeling/attention.py'):.1%} at 16384", "attention.py's own share"),
+    ("docs/speed.md", f"{get('docs/bench/norms_ab.json', 'rows', 0, 'speed-up'):.2f}× faster at "
+     f"{get('docs/bench/norms_ab.json', 'rows', 0, 'N')} tokens", "written-out norms' gain"),
     ("docs/evaluation.md", f"agree within {get(SIDE, 'summary', 'mc_max_abs_diff'):.1e}",
      "lm-eval side by side: MC loglikelihoods"),
     ("docs/evaluation.md", f"differ by up to {get(SIDE, 'summary', 'rolling_max_abs_diff'):.1e}:"
