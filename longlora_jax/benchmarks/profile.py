@@ -190,12 +190,11 @@ def profile_length(n: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
     jax.block_until_ready(metrics)
     untraced = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        start = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch)
-        jax.block_until_ready(metrics)
-        traced = time.perf_counter() - start
-        jax.profiler.stop_trace()
+        with jax.profiler.trace(trace_dir):  # stops the trace on an error too
+            start = time.perf_counter()
+            state, metrics = compiled(state, frozen, batch)
+            jax.block_until_ready(metrics)
+            traced = time.perf_counter() - start
         (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
         seconds, threads = self_seconds(path, set(index.kind))
     total = sum(seconds.values())
