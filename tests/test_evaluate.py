@@ -14,6 +14,7 @@ from longlora_jax import evaluate
 from longlora_jax.cli import run_command
 from longlora_jax.data.eval_data import TokenDocument
 from longlora_jax.errors import DataError
+from longlora_jax.evaluation import compare
 from longlora_jax.evaluation import perplexity as ppl_eval
 from longlora_jax.evaluation.perplexity import documents_for
 from longlora_jax.io.hf import load_pretrained
@@ -89,7 +90,8 @@ def test_sequence_sharded_perplexity_equals_unsharded(tiny_checkpoint):
     out = run_python(textwrap.dedent(f"""
         import jax, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
-        from longlora_jax.evaluation import perplexity as ppl_eval
+        from longlora_jax.evaluation import compare
+from longlora_jax.evaluation import perplexity as ppl_eval
         from longlora_jax.io.hf import load_pretrained
         from longlora_jax.io.base import shard_variables as place_variables
         from longlora_jax.modeling.llama import LlamaForCausalLM
@@ -124,6 +126,33 @@ def run_cli(capsys, *argv):
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1] if captured.err.strip() else ""
     return code, captured.out, last
+
+
+@pytest.mark.integration
+def test_a_stopped_run_keeps_its_finished_lengths_in_partial_json(capsys, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "eval"
+    measure = compare.perplexity
+
+    def stopped_at_512(*args, seq_len, **kwargs):
+        if seq_len == 512:
+            raise KeyboardInterrupt  # the user's Ctrl-C, or the machine taken away
+        return measure(*args, seq_len=seq_len, **kwargs)
+
+    monkeypatch.setattr(compare, "perplexity", stopped_at_512)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(capsys, *TINY, "--lengths", "384,512", "--out", str(out))
+    partial = json.loads((out / "partial.json").read_text())
+    assert partial["complete"] is False and list(partial["models"][0]["perplexity"]) == ["384"]
+    assert sorted(p.name for p in out.iterdir()) == ["partial.json"]  # nothing posing as done
+
+    monkeypatch.setattr(compare, "perplexity", measure)
+    code, _, err = run_cli(capsys, *TINY, "--lengths", "384,512", "--out", str(out))
+    assert code == 0, err
+    assert not (out / "partial.json").exists()
+    done = json.loads((out / "results.json").read_text())["models"][0]["perplexity"]
+    assert done["384"] == partial["models"][0]["perplexity"]["384"] | {"seconds":
+                                                                       done["384"]["seconds"]}
 
 
 @pytest.mark.integration

@@ -32,7 +32,13 @@ from longlora_jax.evaluation.perplexity import (
     make_eval_fn,
     perplexity,
 )
-from longlora_jax.evaluation.report import ModelResult, markdown, write_outputs
+from longlora_jax.evaluation.report import (
+    PARTIAL,
+    ModelResult,
+    markdown,
+    write_outputs,
+    write_partial,
+)
 from longlora_jax.evaluation.ruler import expand_tasks, ruler_scores
 from longlora_jax.evaluation.ruler_tasks import Corpus
 from longlora_jax.io.base import shard_variables
@@ -155,29 +161,38 @@ def _log(line: str) -> None:
 
 
 def evaluate_models(config: ml_collections.ConfigDict,
-                    log: Callable[[str], None] = _log) -> list[ModelResult]:
-    """Every (model, RoPE variant) over the lengths (see the module docstring)."""
+                    log: Callable[[str], None] = _log,
+                    progress: Callable[[list[ModelResult]], None] | None = None
+                    ) -> list[ModelResult]:
+    """Every (model, RoPE variant) over the lengths (see the module docstring). `progress`
+    receives the results so far (the current row partly filled) after every length."""
     lengths = _check(config)
     ropes = [parse_rope(text) for text in config.rope.scaling]
     mesh = make_mesh(dict(config.mesh))
     if not config.quantize:
         raise ConfigError(f"quantize is empty; valid: a tuple of {', '.join(QUANTIZE)}")
-    results = []
+    results: list[ModelResult] = []
+
+    def length_done() -> None:
+        if progress is not None:
+            progress(results)
+
     for source in config.models:
         for quantize in config.quantize:
             base = load_model(source, dtype=config.dtype, seed=config.seed, quantize=quantize)
             if quantize != "auto":
                 base = dataclasses.replace(base, name=f"{base.name} ({quantize})")
-            results += _evaluate_model(config, source, base, ropes, lengths, mesh, log)
+            _evaluate_model(config, source, base, ropes, lengths, mesh, log, length_done,
+                            results)
     return results
 
 
 def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: LoadedModel,
                     ropes: list[RopeScaling | None], lengths: list[int], mesh,
-                    log: Callable[[str], None]) -> list[ModelResult]:
+                    log: Callable[[str], None], length_done: Callable[[], None],
+                    results: list[ModelResult]) -> None:
     """One loaded model (from `source`) with each RoPE variant and attention over the
-    lengths."""
-    results = []
+    lengths, its rows appended to `results` as they start; `length_done` after each length."""
     variants: list[tuple[LlamaConfig, str, str]] = []
     seen: list[RopeScaling] = []
     for rope in ropes:
@@ -200,6 +215,7 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
     for cfg, name, attention in variants:
         result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
                              [(d.name, len(d.tokens)) for d in all_docs], attention)
+        results.append(result)
         variables = shard_variables(cfg, base.variables, mesh)
         eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=config.loss_chunk,
                                prefill_chunk=config.prefill_chunk, attention=attention)
@@ -235,18 +251,23 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
                 result.ruler[n] = scores
                 log(f"{name} | {n} tokens | RULER average {scores['average']:.1f} "
                     f"({scores['seconds']:.0f}s)")
-        results.append(result)
-    return results
+            length_done()
 
 
 def evaluate(config: ml_collections.ConfigDict) -> list[ModelResult]:
-    """`evaluate_models`, its markdown printed and (with `out`) its files written."""
-    results = evaluate_models(config)
+    """`evaluate_models`, its markdown printed and (with `out`) its files written. Until the
+    last length of the last model, `out`/partial.json holds what has finished (a stopped run
+    keeps it); the complete run replaces it with results.json, results.md and the plots."""
     settings = {**config.to_dict(), "data": config.data.source,
                 "data_config": config.data.to_dict()}
     lengths = sorted(set(config.lengths))
+    out = pathlib.Path(config.out) if config.out else None
+    results = evaluate_models(
+        config, progress=None if out is None
+        else lambda so_far: write_partial(out, so_far, settings))
     print(markdown(results, lengths, settings))
-    if config.out:
-        write_outputs(pathlib.Path(config.out), results, lengths, settings)
+    if out:
+        write_outputs(out, results, lengths, settings)
+        (out / PARTIAL).unlink(missing_ok=True)
         print(f"wrote {config.out}/results.json, results.md and plots")
     return results

@@ -4,6 +4,8 @@
     OUT/results.md          a perplexity and a passkey table, lengths as columns, and a RULER
                             table per length (tasks as columns, their average last)
     OUT/ppl_vs_length.png, OUT/passkey_vs_length.png, OUT/ruler_vs_length.png
+    OUT/partial.json        while a run is under way: what has finished, as results.json has
+                            it, with "complete": false (the complete run removes it)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from longlora_jax.evaluation import plots
+
+PARTIAL = "partial.json"
 
 
 @dataclasses.dataclass
@@ -92,12 +96,25 @@ def ruler_markdown(results: Sequence[ModelResult], lengths: Sequence[int], setti
     return lines
 
 
+def _payload(results: Sequence[ModelResult], settings: dict) -> dict:
+    return {"settings": settings, "models": [dataclasses.asdict(r) for r in results]}
+
+
+def write_partial(out: pathlib.Path, results: Sequence[ModelResult], settings: dict) -> None:
+    """OUT/partial.json: the results so far, marked incomplete; replaced atomically so a
+    stop during the write leaves the previous one."""
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / (PARTIAL + ".tmp")
+    staged.write_text(json.dumps({"complete": False, **_payload(results, settings)}, indent=2)
+                      + "\n")
+    staged.replace(out / PARTIAL)
+
+
 def write_outputs(out: pathlib.Path, results: Sequence[ModelResult], lengths: Sequence[int],
                   settings: dict) -> None:
     """results.json, results.md, ppl_vs_length.png and (with passkey) passkey_vs_length.png."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": settings, "models": [dataclasses.asdict(r) for r in results]}
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(_payload(results, settings), indent=2) + "\n")
     (out / "results.md").write_text(markdown(results, lengths, settings))
     windows = {r.name: r.context_window for r in results}
     if any(r.perplexity for r in results):
