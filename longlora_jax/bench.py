@@ -1,4 +1,4 @@
-"""`python -m longlora_jax.bench attention|train|profile|matmul|longest|quant [--config.K=V ...]`
+"""`python -m longlora_jax.bench COMMAND [--config.K=V ...]`, COMMAND one of those below.
 
 Benchmarks measured side by side in one process, printed as a markdown table (`--json PATH`
 also writes them):
@@ -10,6 +10,9 @@ also writes them):
   profile     where one train step's time goes: self time per HLO instruction under the XLA
               profiler, by kind (matmul, copies, ...) and by the code that emitted it
               (`benchmarks.profile`).
+  settings    which step settings (frozen dtype x remat x loss chunk) are fastest here,
+              side by side, with each one's compiled temporary memory
+              (`benchmarks.settings`).
   matmul      the fp32 matmul rate of XLA and of PyTorch on the train step's shapes: the
               ceiling on either step's lead at equal FLOPs (`benchmarks.matmul`).
   quant       bytes of a quantized frozen base (codes, scales, float rest) and the host's
@@ -22,7 +25,15 @@ also writes them):
 
 import sys
 
-from longlora_jax.benchmarks import attention, longest, matmul, profile, quant, train_step
+from longlora_jax.benchmarks import (
+    attention,
+    longest,
+    matmul,
+    profile,
+    quant,
+    settings,
+    train_step,
+)
 from longlora_jax.cli import Command, dispatch
 
 
@@ -37,6 +48,7 @@ def _command(name, module, renamed=()) -> Command:
 
 SUBCOMMANDS = {"attention": _command("attention", attention, attention.RENAMED),
                "train": _command("train", train_step, train_step.RENAMED),
+               "settings": _command("settings", settings),
                "profile": _command("profile", profile),
                "longest": _command("longest", longest),
                "matmul": _command("matmul", matmul),

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from longlora_jax.bench import SUBCOMMANDS
-from longlora_jax.benchmarks import attention, longest, matmul, profile, quant, train_step
+from longlora_jax.benchmarks import (
+    attention,
+    longest,
+    matmul,
+    profile,
+    quant,
+    settings,
+    train_step,
+)
 from longlora_jax.cli import parse
 from longlora_jax.errors import ConfigError
 
@@ -48,6 +56,41 @@ def test_train_bench_runs_ours_and_both_peers_side_by_side(tmp_path, capsys):
         row["model GFLOP/step"] / row["longlora_jax s/step"] / row["XLA matmul GFLOP/s"])
     assert row["HFU"] / row["MFU"] == pytest.approx(
         row["executed GFLOP/step"] / row["model GFLOP/step"])
+
+
+def test_settings_bench_times_the_grid_against_its_reference(tmp_path, capsys):
+    out = tmp_path / "settings.json"
+    settings.run(parse(SUBCOMMANDS["settings"], [
+        "--preset", "tiny", "--layers", "2", "--lengths", "256", "--remats", "none,full",
+        "--loss-chunks", "128,256", "--reference", "float32,full,256", "--repeats", "1",
+        "--warmup", "0", "--json", str(out)]))
+    rows = json.loads(out.read_text())["rows"]
+    grid = {(r["frozen_dtype"], r["remat"], r["loss_chunk"]): r for r in rows}
+    assert len(rows) == len(grid) == 8
+    assert grid["float32", "full", 256]["speed vs reference"] == 1.0
+    for r in rows:
+        assert r["s/step"] == min(r["seconds"]) and r["compile s"] > 0
+    for dtype in ("bfloat16", "float32"):  # remat trades recompute for temporaries
+        assert grid[dtype, "full", 128]["temp GiB"] < grid[dtype, "none", 128]["temp GiB"]
+    assert "| N | frozen_dtype | remat | loss_chunk | s/step |" in capsys.readouterr().out
+
+    # A setting whose temporaries exceed the memory budget is reported, not run.
+    settings.run(parse(SUBCOMMANDS["settings"], [
+        "--preset", "tiny", "--layers", "1", "--lengths", "256", "--remats", "none",
+        "--loss-chunks", "256", "--frozen-dtypes", "float32", "--reference", "float32,none,256",
+        "--memory-fraction", "0", "--json", str(out)]))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["s/step"].startswith("temporaries ") and row["seconds"] == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--remats", "most"], "remats=\\('most',\\); valid: one or more of none, full, dots"),
+    (["--loss-chunks", "300"], "loss_chunks=\\(300,\\); each must divide every length"),
+    (["--reference", "float32,none,4096"], "reference='float32,none,4096' is not in the grid"),
+])
+def test_settings_bench_refuses_a_bad_grid(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        settings.run(parse(SUBCOMMANDS["settings"], flags))
 
 
 def test_profile_bench_accounts_for_the_step_by_kind_and_place(tmp_path, capsys):

@@ -27,6 +27,7 @@ class Variant:
     run: Callable[[], Any] | None  # None: not timed (see `skipped`)
     flops: float | None = None
     temp_bytes: int | None = None
+    compile_seconds: float | None = None
     skipped: str | None = None
     seconds: list[float] = dataclasses.field(default_factory=list)
 

@@ -51,14 +51,15 @@ PEERS = ("s2", "full")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """lengths, layers (SmolLM2-shaped), peers (of `PEERS`: the official S2 and/or full
-    attention, each with our step on the same algorithm), model.remat (ours; "full" matches
-    the peers' gradient checkpointing), attention.group_size_ratio (G / N), loss_chunk,
-    model.frozen_dtype (of our frozen base), quantize (schemes of `model.quantize` whose steps
-    are timed beside the plain one), and the timing settings (`common`); model.* and
-    attention.* as training's."""
+    """lengths, preset (the model's shape: a `LlamaConfig` preset), layers, peers (of
+    `PEERS`: the official S2 and/or full attention, each with our step on the same
+    algorithm), model.remat (ours; "full" matches the peers' gradient checkpointing),
+    attention.group_size_ratio (G / N), loss_chunk, model.frozen_dtype (of our frozen base),
+    quantize (schemes of `model.quantize` whose steps are timed beside the plain one), and the
+    timing settings (`common`); model.* and attention.* as training's."""
     c = timing_config(timeout_s=120.0)
     c.lengths = (2048, 8192)
+    c.preset = "smollm2-135m"
     c.layers = 4
     c.peers = ("s2",)
     c.model = ml_collections.ConfigDict(dict(remat="full", frozen_dtype="float32"))
@@ -68,13 +69,14 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def smollm2_shape(n: int, layers: int, remat: str, group_size_ratio: float,
-                  attention: str = "s2") -> LlamaConfig:
-    """The benchmarked model: SmolLM2-135M's shape (random), S2 at G = ratio x N (or full
+def bench_shape(n: int, config, attention: str = "s2") -> LlamaConfig:
+    """The benchmarked model: `config.preset`'s shape (random; SmolLM2-135M by default) with
+    `config.layers` layers and `config.model.remat`, S2 at G = group_size_ratio x N (or full
     attention), LoRA r=8."""
     return LlamaConfig.preset(
-        "smollm2-135m", num_hidden_layers=layers, scan_layers=True, remat_policy=remat,
-        attention_train=attention, s2_group_size_ratio=group_size_ratio, lora_rank=8,
+        config.preset, num_hidden_layers=config.layers, scan_layers=True,
+        remat_policy=config.model.remat, attention_train=attention,
+        s2_group_size_ratio=config.attention.group_size_ratio, lora_rank=8,
         lora_alpha=16.0, max_position_embeddings=max(n, 8192),
     )
 
@@ -99,8 +101,7 @@ def our_step_parts(n: int, config, quantize: str = "none", attention: str = "s2"
     """Our jitted LongLoRA step (S2 or full attention + LoRA+, chunked loss, AdamW) on a
     random SmolLM2 shape, its frozen base stored as `config.model.frozen_dtype` or quantized:
     (step_fn, state, frozen, batch), step_fn(state, frozen, batch) -> (state, metrics)."""
-    cfg = smollm2_shape(n, config.layers, config.model.remat, config.attention.group_size_ratio,
-                        attention)
+    cfg = bench_shape(n, config, attention)
     setup = build_train_setup(
         LlamaForCausalLM(cfg.replace(quantize=quantize)), single_device_mesh(),
         mode="lora_plus", optim_cfg=default_optim_config(),
@@ -108,7 +109,7 @@ def our_step_parts(n: int, config, quantize: str = "none", attention: str = "s2"
     )
     variables = init_variables(LlamaForCausalLM(cfg), setup.variable_shardings,
                                jax.random.key(0), only=("lora",))
-    variables["params"] = load_base_params(BaseSpec("preset", "smollm2-135m"),
+    variables["params"] = load_base_params(BaseSpec("preset", config.preset),
                                            setup.model.cfg, seed=0, dtype=config.model.frozen_dtype,
                                            shardings=setup.variable_shardings["params"])
     state, frozen = init_state(setup, variables, jax.random.key(1))
@@ -141,7 +142,7 @@ def peer_step(n: int, config, attention: str) -> Variant:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    hf_cfg = LlamaConfig.preset("smollm2-135m", num_hidden_layers=config.layers,
+    hf_cfg = LlamaConfig.preset(config.preset, num_hidden_layers=config.layers,
                                 max_position_embeddings=max(n, 8192)).to_hf()
     implementation = ("sdpa" if attention == "full"
                       else torch_peers.register(config.attention.group_size_ratio))
@@ -201,8 +202,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         for q, v in zip(config.quantize, variants[1:], strict=False):
             if ours and best[v.name]:
                 row[f"{q}/plain"] = best[v.name] / ours
-        shape = smollm2_shape(n, config.layers, config.model.remat,
-                              config.attention.group_size_ratio)
+        shape = bench_shape(n, config)
         needed = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus", recompute=False)
         executed = model_flops(shape, tokens=n, seq_len=n, mode="lora_plus")
         row["model GFLOP/step"] = needed / 1e9
@@ -214,7 +214,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         rows.append(row)
         print(f"done N={n}", flush=True)
     ratio = config.attention.group_size_ratio
-    meta = {"command": "train", "model": "SmolLM2-135M shape", "batch": 1,
+    meta = {"command": "train", "model": f"{config.preset} shape", "batch": 1,
             "mode": "lora_plus r=8", "attention": f"S2 G=N*{ratio}", "peers": list(config.peers),
             "frozen_dtype": config.model.frozen_dtype,
             "timing": "min wall seconds of a full optimizer step, variants interleaved"}
