@@ -20,7 +20,9 @@ def get_config():
     c.model.base = "smollm2"
     c.model.tokenizer = "auto"
     c.model.dtype = "float32"  # XLA:CPU has no fast bf16 matmul; frozen weights stay bf16
-    c.model.remat = "none"  # 135M params at 2k tokens fit easily; skip the recompute
+    # Fastest of frozen dtype x remat x loss chunk on CPU at 2048 tokens (`bench settings`,
+    # docs/speed.md): full remat 1.4x faster than keeping every activation ("none").
+    c.model.remat = "full"
     c.model.scan = True
     c.seq_len = 2048
     c.rope.scaling = "linear:4"  # linear position interpolation, as for 8k -> 32k

@@ -91,6 +91,16 @@ def eval_table(path, label="name"):
     return table([label, "rope", "window", *map(str, lengths)], rows)
 
 
+def ruler_table(path):
+    """RULER scores (percent) per model and length: a column per task, then the average."""
+    models = load(path)["models"]
+    tasks = list(next(iter(models[0]["ruler"].values()))["tasks"])
+    rows = [[m["name"], n, *(f"{r['tasks'][t]['score']:.1f}" for t in tasks),
+             f"{r['average']:.1f}"]
+            for m in models for n, r in sorted(m["ruler"].items(), key=lambda kv: int(kv[0]))]
+    return table(["model", "tokens", *tasks, "average"], rows)
+
+
 def quant_table():
     models = load("docs/quant_smollm2/results.json")["models"]
     ref = by(models, "name", "smollm2 (none)")["perplexity"]["2048"]["ppl"]
@@ -193,6 +203,23 @@ def matmul_table():
     return table(["product", "shape", "XLA GFLOP/s", "torch GFLOP/s", "XLA vs torch"], rows)
 
 
+SETTINGS = "docs/bench/settings_2048.json"
+
+
+def settings_table(path=SETTINGS):
+    """`bench settings`: each setting's step, its speed against the reference, temporaries
+    and compile time; fastest first."""
+    def step(r):  # seconds, or why the setting did not run
+        return r["s/step"] if isinstance(r["s/step"], str) else f"{r['s/step']:.2f}"
+
+    rows = sorted(load(path)["rows"], key=lambda r: min(r["seconds"], default=float("inf")))
+    return table(["frozen dtype", "remat", "loss chunk", "s/step", "vs reference",
+                  "temporaries GiB", "compile s"],
+                 [[r["frozen_dtype"], r["remat"], r["loss_chunk"], step(r),
+                   "-" if r["speed vs reference"] is None else f"{r['speed vs reference']:.2f}×",
+                   f"{r['temp GiB']:.2f}", f"{r['compile s']:.0f}"] for r in rows])
+
+
 LONGEST = ("docs/bench/longest_longlora_jax.json", "docs/bench/longest_hf_peft.json",
            "docs/bench/longest_longlora_jax_65536.json")
 PROFILE_KINDS = ("matmul", "scatter/gather", "copy/transpose", "reduce", "elementwise")
@@ -293,7 +320,8 @@ TABLES = {
                       matmul_table, attention_table, longest_table,
                       lambda: profile_table("docs/bench/profile_before_rms_norm.json"),
                       lambda: profile_places("docs/bench/profile_before_rms_norm.json", 8192),
-                      lambda: profile_places("docs/bench/profile_before_rms_norm.json", 16384)],
+                      lambda: profile_places("docs/bench/profile_before_rms_norm.json", 16384),
+                      settings_table],
     "docs/qlora.md": [quant_table, quality_table, group_size_table, memory_table,
                       qlora_speed_table,
                       lambda: (ROOT / "docs/qlora/recovery.md").read_text().strip()],

@@ -17,6 +17,14 @@ steps, bf16 compute and frozen weights, full rematerialisation, scanned layers. 
 rate is the paper's (section 4.1): 2e-5 for 7B and 13B, 1e-5 for 70B (the official README
 only shows 7B/13B commands, with 2e-5).
 
+Step settings for TPU and GPU, and why (the CPU configs measure theirs with `bench
+settings`, docs/speed.md; those measurements do not carry over): bf16 compute and frozen
+weights, because matrix units run bf16 at full rate and fp32 frozen weights would double the
+base's memory and its reads every step; full rematerialisation, because at 8k-100k tokens a
+7B-70B model's kept activations do not fit beside the base (the fit reports, docs/fit.md,
+give the temporaries with it); the loss in chunks of 1024 tokens, because the [N, vocabulary]
+logits alone would take 12.8 GB in fp32 at 100k tokens and a 32k vocabulary.
+
 The tokenizer is "auto": with `--config.model.base=hf:DIR` the checkpoint's own (every run
 refuses a tokenizer whose ids do not fit the embedding). The base defaults to a random init of
 the architecture ("preset:..."), enough for AOT compilation and throughput runs, which then
