@@ -90,8 +90,7 @@ def test_sequence_sharded_perplexity_equals_unsharded(tiny_checkpoint):
     out = run_python(textwrap.dedent(f"""
         import jax, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
-        from longlora_jax.evaluation import compare
-from longlora_jax.evaluation import perplexity as ppl_eval
+        from longlora_jax.evaluation import perplexity as ppl_eval
         from longlora_jax.io.hf import load_pretrained
         from longlora_jax.io.base import shard_variables as place_variables
         from longlora_jax.modeling.llama import LlamaForCausalLM
@@ -129,8 +128,8 @@ def run_cli(capsys, *argv):
 
 
 @pytest.mark.integration
-def test_a_stopped_run_keeps_its_finished_lengths_in_partial_json(capsys, tmp_path,
-                                                                  monkeypatch):
+def test_a_stopped_run_keeps_its_finished_lengths_and_the_same_command_resumes(
+        capsys, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     measure = compare.perplexity
 
@@ -146,13 +145,26 @@ def test_a_stopped_run_keeps_its_finished_lengths_in_partial_json(capsys, tmp_pa
     assert partial["complete"] is False and list(partial["models"][0]["perplexity"]) == ["384"]
     assert sorted(p.name for p in out.iterdir()) == ["partial.json"]  # nothing posing as done
 
-    monkeypatch.setattr(compare, "perplexity", measure)
-    code, _, err = run_cli(capsys, *TINY, "--lengths", "384,512", "--out", str(out))
+    # Other settings would mix two runs: one line, and the partial file stays.
+    code, _, err = run_cli(capsys, *TINY, "--lengths", "384,640", "--out", str(out))
+    assert code == 2 and "from a stopped run with other settings (differing: lengths)" in err
+    assert json.loads((out / "partial.json").read_text()) == partial
+
+    # The same command resumes: 384 is kept (not measured again), 512 is measured.
+    lengths_measured = []
+
+    def counted(*args, seq_len, **kwargs):
+        lengths_measured.append(seq_len)
+        return measure(*args, seq_len=seq_len, **kwargs)
+
+    monkeypatch.setattr(compare, "perplexity", counted)
+    code, stdout, err = run_cli(capsys, *TINY, "--lengths", "384,512", "--out", str(out))
     assert code == 0, err
+    assert lengths_measured == [512] and "384 tokens | kept from partial.json" in stdout
     assert not (out / "partial.json").exists()
     done = json.loads((out / "results.json").read_text())["models"][0]["perplexity"]
-    assert done["384"] == partial["models"][0]["perplexity"]["384"] | {"seconds":
-                                                                       done["384"]["seconds"]}
+    assert done["384"] == partial["models"][0]["perplexity"]["384"]
+    assert set(done) == {"384", "512"}
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -36,6 +36,7 @@ from longlora_jax.evaluation.report import (
     PARTIAL,
     ModelResult,
     markdown,
+    read_partial,
     write_outputs,
     write_partial,
 )
@@ -162,10 +163,11 @@ def _log(line: str) -> None:
 
 def evaluate_models(config: ml_collections.ConfigDict,
                     log: Callable[[str], None] = _log,
-                    progress: Callable[[list[ModelResult]], None] | None = None
-                    ) -> list[ModelResult]:
+                    progress: Callable[[list[ModelResult]], None] | None = None,
+                    finished: Sequence[ModelResult] = ()) -> list[ModelResult]:
     """Every (model, RoPE variant) over the lengths (see the module docstring). `progress`
-    receives the results so far (the current row partly filled) after every length."""
+    receives the results so far (the current row partly filled) after every length;
+    `finished` (a stopped run's rows) are kept, and only their missing lengths measured."""
     lengths = _check(config)
     ropes = [parse_rope(text) for text in config.rope.scaling]
     mesh = make_mesh(dict(config.mesh))
@@ -183,16 +185,17 @@ def evaluate_models(config: ml_collections.ConfigDict,
             if quantize != "auto":
                 base = dataclasses.replace(base, name=f"{base.name} ({quantize})")
             _evaluate_model(config, source, base, ropes, lengths, mesh, log, length_done,
-                            results)
+                            results, finished)
     return results
 
 
 def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: LoadedModel,
                     ropes: list[RopeScaling | None], lengths: list[int], mesh,
                     log: Callable[[str], None], length_done: Callable[[], None],
-                    results: list[ModelResult]) -> None:
+                    results: list[ModelResult], finished: Sequence[ModelResult]) -> None:
     """One loaded model (from `source`) with each RoPE variant and attention over the
-    lengths, its rows appended to `results` as they start; `length_done` after each length."""
+    lengths, its rows appended to `results` as they start (a row of `finished` is continued);
+    `length_done` after each length."""
     variants: list[tuple[LlamaConfig, str, str]] = []
     seen: list[RopeScaling] = []
     for rope in ropes:
@@ -213,13 +216,18 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
     tasks = expand_tasks(config.tasks)
     corpus = Corpus.from_texts([d.text for d in assets.essays()]) if tasks else None
     for cfg, name, attention in variants:
-        result = ModelResult(name, source, rope_name(cfg.rope_scaling), cfg.context_window,
-                             [(d.name, len(d.tokens)) for d in all_docs], attention)
+        kept = [r for r in finished if (r.name, r.attention) == (name, attention)]
+        result = kept[0] if kept else ModelResult(
+            name, source, rope_name(cfg.rope_scaling), cfg.context_window,
+            [(d.name, len(d.tokens)) for d in all_docs], attention)
         results.append(result)
         variables = shard_variables(cfg, base.variables, mesh)
         eval_fn = make_eval_fn(build_model(cfg), mesh, loss_chunk=config.loss_chunk,
                                prefill_chunk=config.prefill_chunk, attention=attention)
         for n in lengths:
+            if kept and _measured(config, result, n, tasks):
+                log(f"{name} | {n} tokens | kept from {PARTIAL}")
+                continue
             if config.perplexity:
                 docs = documents_for(all_docs, n, config.eval.protocol, config.eval.stride)
                 start = time.perf_counter()
@@ -254,17 +262,28 @@ def _evaluate_model(config: ml_collections.ConfigDict, source: str, base: Loaded
             length_done()
 
 
+def _measured(config: ml_collections.ConfigDict, result: ModelResult, n: int,
+              tasks: list[str]) -> bool:
+    """Whether `result` has every measurement `config` asks for at length `n`."""
+    full = result.attention == "full"
+    wanted = [(config.perplexity, result.perplexity), (config.passkey and full, result.passkey),
+              (tasks and full, result.ruler)]
+    return all(n in cells for asked, cells in wanted if asked)
+
+
 def evaluate(config: ml_collections.ConfigDict) -> list[ModelResult]:
     """`evaluate_models`, its markdown printed and (with `out`) its files written. Until the
     last length of the last model, `out`/partial.json holds what has finished (a stopped run
-    keeps it); the complete run replaces it with results.json, results.md and the plots."""
+    keeps it, and the same command resumes from it); the complete run replaces it with
+    results.json, results.md and the plots."""
     settings = {**config.to_dict(), "data": config.data.source,
                 "data_config": config.data.to_dict()}
     lengths = sorted(set(config.lengths))
     out = pathlib.Path(config.out) if config.out else None
     results = evaluate_models(
         config, progress=None if out is None
-        else lambda so_far: write_partial(out, so_far, settings))
+        else lambda so_far: write_partial(out, so_far, settings),
+        finished=read_partial(out, settings) if out else ())
     print(markdown(results, lengths, settings))
     if out:
         write_outputs(out, results, lengths, settings)

@@ -5,7 +5,8 @@
                             table per length (tasks as columns, their average last)
     OUT/ppl_vs_length.png, OUT/passkey_vs_length.png, OUT/ruler_vs_length.png
     OUT/partial.json        while a run is under way: what has finished, as results.json has
-                            it, with "complete": false (the complete run removes it)
+                            it, with "complete": false; a run with the same settings resumes
+                            from it, and the complete run removes it
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from longlora_jax.errors import ConfigError
 from longlora_jax.evaluation import plots
 
 PARTIAL = "partial.json"
@@ -108,6 +110,28 @@ def write_partial(out: pathlib.Path, results: Sequence[ModelResult], settings: d
     staged.write_text(json.dumps({"complete": False, **_payload(results, settings)}, indent=2)
                       + "\n")
     staged.replace(out / PARTIAL)
+
+
+def read_partial(out: pathlib.Path, settings: dict) -> list[ModelResult]:
+    """The results a stopped run with the same `settings` left in OUT/partial.json ([] when
+    there is none). ConfigError when its settings differ: resuming would mix two runs."""
+    path = out / PARTIAL
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(settings))  # tuples as the file has them: lists
+    differ = sorted(k for k in now.keys() | saved["settings"].keys()
+                    if now.get(k) != saved["settings"].get(k))
+    if differ:
+        raise ConfigError(f"{path} is from a stopped run with other settings (differing: "
+                          f"{', '.join(differ)}); run with those, or move it away to start over")
+
+    def by_length(cells: dict[str, Any]) -> dict[int, Any]:
+        return {int(n): cell for n, cell in cells.items()}
+
+    return [ModelResult(**{**m, "documents": [tuple(d) for d in m["documents"]],
+                           **{k: by_length(m[k]) for k in ("perplexity", "passkey", "ruler")}})
+            for m in saved["models"]]
 
 
 def write_outputs(out: pathlib.Path, results: Sequence[ModelResult], lengths: Sequence[int],
