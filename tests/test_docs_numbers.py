@@ -332,7 +332,8 @@ TABLES = {
                            lambda: eval_table("docs/eval_demo/results.json"),
                            lambda: eval_table("docs/eval_smollm2/results.json"),
                            lambda: eval_table("docs/passkey_smollm2/results.json"),
-                           lambda: _md_table("docs/lm_eval/side_by_side.md")],
+                           lambda: _md_table("docs/lm_eval/side_by_side.md"),
+                           lambda: ruler_table(RULER)],
 }
 
 
@@ -342,6 +343,16 @@ def _md_table(path):
 
 
 SIDE = "docs/lm_eval/side_by_side.json"
+# The RULER table: a stopped run's rows (the demo at 8192 tokens is missing; the same command
+# resumes it and then writes results.json).
+RULER = "docs/ruler_smollm2/partial.json"
+
+
+def _ruler_averages(name):
+    """A model's RULER averages by length, as " / "-joined cells."""
+    (model,) = [m for m in load(RULER)["models"] if m["name"] == name]
+    return " / ".join(f"{r['average']:.1f}" for _, r in sorted(model["ruler"].items(),
+                                                                 key=lambda kv: int(kv[0])))
 
 # ----- the README's headline table: each number is one of these cells -----
 
@@ -459,6 +470,8 @@ LONG_VERDICTS = [  # (steps, claim, verdict the page states)
 
 # (text the README must contain in its headline table, the value it is formatted from)
 README_CELLS = [
+    (f"base {_ruler_averages('smollm2')}", "RULER: SmolLM2 as released, by length"),
+    (f"demo {_ruler_averages('demo')}", "RULER: the demo run, by length"),
     (_recovery("nf4"), "QLoRA recovery: nf4 after 20 steps"),
     (_recovery("nf4", "gap_before"), "QLoRA recovery: nf4 before training"),
     (_recovery("nf4_80"), "QLoRA recovery: nf4 after 80 steps"),
@@ -555,8 +568,8 @@ DOC_CELLS = [
 ]
 
 # Numbers in the headline table that are names, not results (model sizes, lengths in labels).
-README_LABELS = {"2", "3", "4", "7", "8", "20", "30", "70", "80", "100", "135", "256",
-                 "1024", "2048", "8192", "16384"}
+README_LABELS = {"2", "3", "4", "7", "8", "11", "20", "30", "70", "80", "100", "135", "256",
+                 "1024", "2048", "4096", "8192", "16384"}
 NUMBER = r"(?<![A-Za-z\d._])\d+(?:[.,]\d+)*"  # not the digits of a name (bf16, int4, S2, Q4_1)
 
 
