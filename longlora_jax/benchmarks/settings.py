@@ -6,8 +6,8 @@ AdamW, fp32 compute) for every combination of `model.frozen_dtype` x `model.rema
 per step, its speed relative to `reference` (the setting a config uses), the step's
 temporary memory from XLA's compiled memory analysis, and its compile time (what a short
 run, or a test, mostly waits for). A combination whose temporaries exceed
-`memory_fraction` of the host's memory is reported, not run. The configs take the fastest
-row that fits (configs/demo_cpu.py cites docs/bench/settings_*.json).
+`memory_fraction` of the host's memory is reported, not run. A config changes its setting
+only where the difference exceeds the spread of the timed steps (docs/speed.md says which).
 """
 
 from __future__ import annotations
