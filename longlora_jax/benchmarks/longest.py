@@ -46,9 +46,8 @@ _CHILD = textwrap.dedent("""
 
 def one_step(system: str, n: int, layers: int) -> None:
     """Builds the system's LoRA+ training step at N tokens and runs it once (in a child)."""
-    config = ml_collections.ConfigDict(dict(
-        layers=layers, loss_chunk=1024,
-        model=dict(remat="full", frozen_dtype="float32"), attention=dict(group_size_ratio=0.25)))
+    config = train_step.default_config()  # full remat, fp32 base, loss chunk 1024, G = N/4
+    config.layers = layers
     if system == "longlora_jax":
         train_step.our_step(n, config).run()
     else:  # the peer's memory is its logits' and activations'; SDPA is O(N) either way
