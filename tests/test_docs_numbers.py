@@ -333,7 +333,8 @@ TABLES = {
                            lambda: eval_table("docs/eval_smollm2/results.json"),
                            lambda: eval_table("docs/passkey_smollm2/results.json"),
                            lambda: _md_table("docs/lm_eval/side_by_side.md"),
-                           lambda: ruler_table(RULER)],
+                           lambda: ruler_table(RULER),
+                           lambda: ruler_table("docs/ruler_smollm2_pi4/results.json")],
 }
 
 
