@@ -344,9 +344,7 @@ def _md_table(path):
 
 
 SIDE = "docs/lm_eval/side_by_side.json"
-# The RULER table: a stopped run's rows (the demo at 8192 tokens is missing; the same command
-# resumes it and then writes results.json).
-RULER = "docs/ruler_smollm2/partial.json"
+RULER = "docs/ruler_smollm2/results.json"
 
 
 def _ruler_averages(name):
