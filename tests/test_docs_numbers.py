@@ -91,13 +91,18 @@ def eval_table(path, label="name"):
     return table([label, "rope", "window", *map(str, lengths)], rows)
 
 
+def _by_length(cells):
+    """A results.json {"length": cell} dict's items, shortest length first."""
+    return sorted(cells.items(), key=lambda kv: int(kv[0]))
+
+
 def ruler_table(path):
     """RULER scores (percent) per model and length: a column per task, then the average."""
     models = load(path)["models"]
     tasks = list(next(iter(models[0]["ruler"].values()))["tasks"])
     rows = [[m["name"], n, *(f"{r['tasks'][t]['score']:.1f}" for t in tasks),
              f"{r['average']:.1f}"]
-            for m in models for n, r in sorted(m["ruler"].items(), key=lambda kv: int(kv[0]))]
+            for m in models for n, r in _by_length(m["ruler"])]
     return table(["model", "tokens", *tasks, "average"], rows)
 
 
@@ -350,8 +355,7 @@ RULER = "docs/ruler_smollm2/results.json"
 def _ruler_averages(name):
     """A model's RULER averages by length, as " / "-joined cells."""
     (model,) = [m for m in load(RULER)["models"] if m["name"] == name]
-    return " / ".join(f"{r['average']:.1f}" for _, r in sorted(model["ruler"].items(),
-                                                                 key=lambda kv: int(kv[0])))
+    return " / ".join(f"{r['average']:.1f}" for _, r in _by_length(model["ruler"]))
 
 # ----- the README's headline table: each number is one of these cells -----
 
